@@ -1,0 +1,1 @@
+"""AU detectors (ONNX Runtime), multi-detector consensus, realism discriminator, identity encoder."""

@@ -1,0 +1,1 @@
+"""Orchestration of a MIFA build: CLI, config, plan, Ray job graph, shard writer, manifest, reports."""

@@ -1,0 +1,247 @@
+"""One pydantic model tree for a build: YAML file, then `--set a.b=value` overrides.
+
+Everything that decides what a build writes lives here and is frozen into OUT/build.json; the
+`runtime` section (how many actors, how much memory) may change between a build and its resume
+because it changes speed, not bytes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.facs import DEFAULT_OCCURRENCE_THRESHOLD, EMOTION_NAMES, INTENSITY_MAX, STRENGTHS
+from pipelines.prompts.config import ExpandConfig
+from pipelines.puppet.identity import AGE_GROUPS, SKIN_TONE_GROUPS
+
+
+class ConfigError(ValueError):
+    """A config problem, worded as one line that names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class BuildConfig(_Section):
+    """What to build: size, sharding, seed and the output encoding."""
+
+    target: int = Field(1000, gt=0, description="accepted samples in the corpus")
+    shard_size: int = Field(250, gt=0, description="accepted samples per shard (last shard: the remainder)")
+    seed: int = Field(0, ge=0, description="build seed; shard i draws from a stream derived from it")
+    max_oversample: float = Field(
+        4.0, ge=1.0, description="a shard fails once it has drawn max_oversample * size candidates"
+    )
+    shard_retries: int = Field(2, ge=0, description="re-runs of a failed shard before it goes to OUT/failed/")
+    image_format: Literal["png", "jpg"] = "png"
+    jpg_quality: int = Field(95, ge=1, le=100)
+    shard_prefix: str = Field("mifa", pattern=r"^[a-z][a-z0-9]*$")
+
+
+class LabelsConfig(_Section):
+    """How intensities turn into occurrence labels (DISFA protocol: intensity >= 2)."""
+
+    occurrence_threshold: int = Field(DEFAULT_OCCURRENCE_THRESHOLD, ge=1, le=INTENSITY_MAX)
+
+
+class PlanConfig(_Section):
+    """The balance the corpus aims for: weights per emotion, skin-tone group and age group."""
+
+    emotions: dict[str, float] = Field(default_factory=lambda: {e: 1.0 for e in EMOTION_NAMES})
+    skin_groups: list[float] = Field(default_factory=lambda: [1.0] * SKIN_TONE_GROUPS)
+    age_groups: dict[str, float] = Field(default_factory=lambda: {a: 1.0 for a in AGE_GROUPS})
+    strengths: dict[int, float] = Field(default_factory=lambda: {s: 1.0 for s in STRENGTHS})
+    extra_au_rate: float = Field(
+        0.08, ge=0.0, le=1.0, description="chance that an AU outside the emotion prototype is added"
+    )
+    candidate_batch: int = Field(32, gt=0, description="candidates a shard draws per round")
+
+    @field_validator("emotions")
+    @classmethod
+    def _emotions(cls, v: dict[str, float]) -> dict[str, float]:
+        return _weights(v, EMOTION_NAMES, "emotion")
+
+    @field_validator("age_groups")
+    @classmethod
+    def _ages(cls, v: dict[str, float]) -> dict[str, float]:
+        return _weights(v, AGE_GROUPS, "age group")
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths(cls, v: dict[int, float]) -> dict[int, float]:
+        return _weights(v, tuple(STRENGTHS), "strength")
+
+    @field_validator("skin_groups")
+    @classmethod
+    def _skins(cls, v: list[float]) -> list[float]:
+        if len(v) != SKIN_TONE_GROUPS:
+            raise ValueError(f"needs {SKIN_TONE_GROUPS} weights, one per skin-tone group 0..{SKIN_TONE_GROUPS - 1}")
+        _weights(dict(enumerate(v)), tuple(range(SKIN_TONE_GROUPS)), "skin group")
+        return v
+
+
+def _weights(v: dict, allowed: tuple, what: str) -> dict:
+    unknown = [k for k in v if k not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown[0]!r}; allowed: {', '.join(map(str, allowed))}")
+    if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+        raise ValueError(f"{what} weights must be >= 0 with a positive sum")
+    return v
+
+
+class PuppetConfig(_Section):
+    """The procedural renderer used as generator in the test domain."""
+
+    image_size: Literal[64, 128, 256] = 64
+    supersample: int = Field(4, ge=1, le=8)
+
+
+class ChecksConfig(_Section):
+    """Thresholds of the named check stages; each rejection is counted under the stage's name."""
+
+    prompt_target_jaccard: float = Field(
+        0.67, ge=0.0, le=1.0, description="Jaccard(parsed prompt AUs, target AUs) needed to keep the prompt"
+    )
+    label_prompt_jaccard: float = Field(
+        0.67, ge=0.0, le=1.0, description="Jaccard(parsed prompt AUs, generated labels): the paper's filter"
+    )
+
+
+class RuntimeConfig(_Section):
+    """How the build runs. Not part of the build's identity: a resume may change it."""
+
+    num_generators: int = Field(1, ge=1, description="generator actors (1 GPU each on a GPU cluster)")
+    generator_gpus: float = Field(0.0, ge=0.0, description="GPUs per generator actor (0 on CPU)")
+    generator_cpus: float = Field(1.0, gt=0.0)
+    shard_task_cpus: float = Field(0.25, gt=0.0, description="CPUs a shard task reserves (it mostly waits)")
+    max_shards_in_flight: int | None = Field(None, ge=1, description="default: 2 per generator actor")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
+    object_store_mb: int = Field(256, ge=80, description="object store of the embedded local Ray")
+    progress: bool = True
+
+
+class FactoryConfig(_Section):
+    """The whole build configuration."""
+
+    build: BuildConfig = BuildConfig()
+    labels: LabelsConfig = LabelsConfig()
+    plan: PlanConfig = PlanConfig()
+    expand: ExpandConfig = ExpandConfig()
+    generator: Literal["puppet"] = "puppet"
+    puppet: PuppetConfig = PuppetConfig()
+    checks: ChecksConfig = ChecksConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _shards(self) -> FactoryConfig:
+        if self.build.shard_size > 1_000_000:
+            raise ValueError("build.shard_size above 1000000 would not fit a shard task's memory budget")
+        return self
+
+    def identity_dict(self) -> dict[str, Any]:
+        """The part of the config that decides the corpus bytes (everything but `runtime`)."""
+        d = self.model_dump(mode="json")
+        d.pop("runtime")
+        return d
+
+    def identity_hash(self) -> str:
+        blob = json.dumps(self.identity_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML + overrides, errors as one line each.
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/flow collections: 3, 0.5, true, png, [1, 2], {a: 1}."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` to a nested dict (in place)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, for example --set build.shard_size=500")
+    dotted, raw = assignment.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = _parse_value(raw)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """First problem of a pydantic error as `config error: a.b: what is wrong; allowed: ...`."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(tuple(first["loc"][:-1]))
+        return f"config error: {loc}: unknown key; allowed here: {', '.join(allowed)}"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    more = f" [and {len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"config error: {loc or '<root>'}: {msg}{got_s}{more}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] | None = FactoryConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            # Optional sub-sections (X | None): take the model out of the union.
+            for arg in getattr(ann, "__args__", ()):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    model = arg
+    return sorted(model.model_fields) if model else []
+
+
+def config_from_dict(tree: dict[str, Any]) -> FactoryConfig:
+    try:
+        return FactoryConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FactoryConfig:
+    """Config from an optional YAML file plus `a.b=value` overrides, validated once."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: file {p} does not exist; pass a YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config error: {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error: {p} must hold a mapping of sections (build:, plan:, ...)")
+        tree = loaded or {}
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    return config_from_dict(tree)
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """A unified diff of two config trees, for the refusal to resume under another config."""
+    a = json.dumps(old, indent=2, sort_keys=True).splitlines()
+    b = json.dumps(new, indent=2, sort_keys=True).splitlines()
+    return "\n".join(difflib.unified_diff(a, b, "build.json", "this command", lineterm="", n=1))

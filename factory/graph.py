@@ -1,0 +1,264 @@
+"""The Ray job graph: generator actors own models; small idempotent shard tasks drive candidates.
+
+`factory build` calls `ray.init()`: inside `ray job submit` or with RAY_ADDRESS set it joins that
+cluster, otherwise it starts an embedded local Ray. The driver keeps O(shards in flight) state:
+it never sees a sample, only each shard's stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+from .config import ConfigError, FactoryConfig, config_diff
+from .layout import Layout
+from .manifest import clean_uncommitted, clear_failure, record_failure, scan
+from .plan import Plan
+from .progress import BuildProgress
+
+log = logging.getLogger(__name__)
+
+
+class BuildConfigMismatch(ConfigError):
+    """OUT holds a build with another config; resuming it under this one would mix two corpora."""
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    build_id: str
+    target: int
+    num_shards: int
+    committed: int = 0
+    accepted: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    candidates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.committed == self.num_shards
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("mifa-factory", "ray", "numpy", "pillow", "webdataset", "pyarrow", "pydantic", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tuple[Layout, dict[str, Any]]:
+    """Create OUT or check that it holds this very build; returns its build.json."""
+    layout = Layout(out)
+    layout.makedirs()
+    build_id = cfg.identity_hash()
+    if layout.fs.exists(layout.build_json):
+        try:
+            old = layout.read_json(layout.build_json)
+            old_identity = old["identity"]
+        except (ValueError, KeyError, OSError) as err:
+            raise ConfigError(
+                f"{layout.build_json} is unreadable ({err}); move OUT aside or pass --new-build to start over"
+            ) from None
+        if old.get("build_id") == build_id and old_identity == cfg.identity_dict():
+            return layout, old
+        if not new_build:
+            raise BuildConfigMismatch(
+                f"{out} holds build {old.get('build_id')} made with another config; refusing to mix corpora. "
+                f"Use the same config (or `factory resume {out}`), or pass --new-build to delete it and start "
+                f"over.\n{config_diff(old_identity, cfg.identity_dict())}"
+            )
+        log.warning("--new-build: deleting build %s in %s", old.get("build_id"), out)
+        for d in (layout.shards_dir, layout.failed_dir):
+            if layout.fs.exists(d):
+                layout.fs.rm(d, recursive=True)
+        layout.fs.rm(layout.build_json)
+        layout.makedirs()
+    plan = Plan(cfg)
+    record = {
+        "build_id": build_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "identity": cfg.identity_dict(),
+        "config": cfg.model_dump(mode="json"),
+        "plan": {"target": plan.target, "shard_size": plan.shard_size, "num_shards": plan.num_shards},
+        "versions": versions(),
+    }
+    layout.write_json_atomic(layout.build_json, record)
+    return layout, record
+
+
+def _init_ray(cfg: FactoryConfig) -> bool:
+    """Join RAY_ADDRESS / the job's cluster, or start an embedded local Ray. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    env_vars = {k: v for k, v in os.environ.items() if k == "MIFA_FAULTS"}
+    if env_vars:
+        kwargs["runtime_env"] = {"env_vars": env_vars}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs.update(
+            num_cpus=cfg.runtime.num_cpus,
+            object_store_memory=cfg.runtime.object_store_mb * 1024 * 1024,
+            include_dashboard=False,
+        )
+        log.info("starting an embedded local Ray (set RAY_ADDRESS or use `ray job submit` for a cluster)")
+    else:
+        log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+    ray.init(**kwargs)
+    return True
+
+
+class GeneratorActor:
+    """Owns one generator (model loaded once) and serves batches to shard tasks."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        from .generators import make_generator
+
+        self.generator = make_generator(FactoryConfig.model_validate(cfg_dict))
+
+    def info(self) -> dict[str, str]:
+        return {"name": self.generator.name, "version": self.generator.version}
+
+    def generate(self, batch: Any) -> Any:
+        return self.generator.generate(batch)
+
+
+def _shard_task(cfg_dict: dict[str, Any], index: int, out: str, actor: Any, build_id: str, attempt: int, info: dict):
+    import ray
+
+    from .shard import run_shard
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = FactoryConfig.model_validate(cfg_dict)
+    return run_shard(
+        cfg,
+        index,
+        out,
+        generate=lambda batch: ray.get(actor.generate.remote(batch)),
+        build_id=build_id,
+        attempt=attempt,
+        generator_info=info,
+    )
+
+
+def _error_record(name: str, index: int, err: BaseException, attempts: int) -> dict[str, Any]:
+    cause = getattr(err, "cause", None) or err
+    return {
+        "name": name,
+        "index": index,
+        "error": f"{type(cause).__name__}: {cause}".splitlines()[0][:2000],
+        "type": type(cause).__name__,
+        "traceback": "".join(traceback.format_exception(err))[-8000:],
+        "attempts": attempts,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSummary:
+    """Build or resume OUT until every shard is committed or has run out of retries."""
+    import ray
+
+    t0 = time.time()
+    layout, record = prepare_output(cfg, out, new_build=new_build)
+    build_id = record["build_id"]
+    plan = Plan(cfg)
+    state = scan(layout, build_id)
+    clean_uncommitted(layout, state.committed)
+    summary = BuildSummary(out, build_id, plan.target, plan.num_shards)
+    summary.skipped = len(state.committed)
+    summary.committed = len(state.committed)
+    summary.accepted = sum(int(s.get("samples", 0)) for s in state.committed.values())
+    pending = deque(i for i in range(plan.num_shards) if plan.shard_name(i) not in state.committed)
+    if not pending:
+        log.info("%s: all %d shards already committed", out, plan.num_shards)
+        summary.seconds = time.time() - t0
+        return summary
+    log.info(
+        "build %s: %d shards, %d committed, %d to run -> %s",
+        build_id,
+        plan.num_shards,
+        len(state.committed),
+        len(pending),
+        out,
+    )
+
+    started = _init_ray(cfg)
+    try:
+        rt = cfg.runtime
+        cfg_dict = cfg.model_dump(mode="json")
+        actor_cls = ray.remote(GeneratorActor).options(
+            num_cpus=rt.generator_cpus, num_gpus=rt.generator_gpus, max_restarts=3, max_task_retries=2
+        )
+        actors = [actor_cls.remote(cfg_dict) for _ in range(rt.num_generators)]
+        info = ray.get(actors[0].info.remote())
+        task = ray.remote(_shard_task).options(num_cpus=rt.shard_task_cpus, max_retries=2, retry_exceptions=False)
+        cfg_ref = ray.put(cfg_dict)
+        max_in_flight = rt.max_shards_in_flight or 2 * rt.num_generators
+        in_flight: dict[Any, tuple[int, int]] = {}
+        attempts: dict[int, int] = {}
+        submitted = 0
+        progress = BuildProgress(plan.target, plan.num_shards, enabled=rt.progress)
+        progress.start(summary.accepted, summary.committed)
+        try:
+            while pending or in_flight:
+                while pending and len(in_flight) < max_in_flight:
+                    i = pending.popleft()
+                    attempts[i] = attempts.get(i, 0) + 1
+                    actor = actors[submitted % len(actors)]
+                    submitted += 1
+                    ref = task.remote(cfg_ref, i, out, actor, build_id, attempts[i], info)
+                    in_flight[ref] = (i, attempts[i])
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    i, attempt = in_flight.pop(ref)
+                    name = plan.shard_name(i)
+                    try:
+                        stats = ray.get(ref)
+                    except Exception as err:  # noqa: BLE001 - any shard error is retried, then recorded
+                        if attempt <= cfg.build.shard_retries:
+                            log.warning("shard %s attempt %d failed (%s); retrying", name, attempt, _short(err))
+                            pending.appendleft(i)
+                        else:
+                            rec = _error_record(name, i, err, attempt)
+                            record_failure(layout, name, rec)
+                            summary.failed[name] = rec["error"]
+                            log.error("shard %s failed after %d attempts: %s", name, attempt, rec["error"])
+                            progress.shard_failed()
+                        continue
+                    clear_failure(layout, name)
+                    summary.committed += 1
+                    summary.accepted += int(stats["samples"])
+                    summary.candidates += int(stats["candidates"])
+                    for reason, n in stats["rejected"].items():
+                        summary.rejected[reason] = summary.rejected.get(reason, 0) + int(n)
+                    progress.shard_done(int(stats["samples"]), int(stats["candidates"]), summary.rejected)
+                    del attempts[i]
+                progress.tick()
+        finally:
+            progress.stop()
+            for a in actors:
+                ray.kill(a)
+    finally:
+        if started:
+            ray.shutdown()
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def _short(err: BaseException) -> str:
+    cause = getattr(err, "cause", None) or err
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"

@@ -1,0 +1,84 @@
+"""Config tree: YAML + --set, one-line errors naming the key, frozen build.json, refusal to mix builds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from factory.config import ConfigError, FactoryConfig, load_config
+from factory.graph import BuildConfigMismatch, prepare_output
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(None, ["build.shard_size=500", "plan.emotions={happiness: 2, sadness: 1}", "build.image_format=jpg"])
+    assert cfg.build.shard_size == 500
+    assert cfg.plan.emotions == {"happiness": 2.0, "sadness": 1.0}
+    assert cfg.build.image_format == "jpg"
+    y = tmp_path / "c.yaml"
+    y.write_text("build:\n  target: 77\n  seed: 3\n")
+    cfg = load_config(y, ["build.seed=4"])
+    assert (cfg.build.target, cfg.build.seed) == (77, 4)
+
+
+@pytest.mark.parametrize(
+    "override, must_contain",
+    [
+        ("build.shard_size=-3", "build.shard_size"),
+        ("build.shard_size=abc", "build.shard_size"),
+        ("build.image_format=gif", "build.image_format"),
+        ("build.shardsize=10", "build.shardsize: unknown key; allowed here: image_format, jpg_quality"),
+        ("bogus.x=1", "bogus: unknown key; allowed here: build, checks"),
+        ("plan.emotions={joy: 1}", "unknown emotion 'joy'; allowed: neutral, happiness"),
+        ("plan.skin_groups=[1, 1]", "plan.skin_groups"),
+        ("checks.label_prompt_jaccard=1.5", "checks.label_prompt_jaccard"),
+        ("generator=diffusion", "generator"),
+        ("build.seed", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(override, must_contain):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert must_contain in msg
+
+
+def test_bad_yaml_file(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("build: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(y)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_reports_config_error_in_one_line(run_factory):
+    p = run_factory("build", "--dry-run", "--set", "build.max_oversample=0.5")
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "build.max_oversample" in lines[0] and "greater than or equal to 1" in lines[0]
+
+
+def test_build_json_frozen_and_resume_refuses_other_config(tmp_path):
+    out = str(tmp_path / "out")
+    cfg = load_config(None, ["build.target=10", "build.shard_size=5"])
+    _, rec = prepare_output(cfg, out)
+    on_disk = json.loads((tmp_path / "out" / "build.json").read_text())
+    assert on_disk["build_id"] == rec["build_id"] == cfg.identity_hash()
+    assert FactoryConfig.model_validate(on_disk["config"]) == cfg
+
+    # runtime changes do not change the build
+    same = load_config(None, ["build.target=10", "build.shard_size=5", "runtime.num_generators=3"])
+    _, rec2 = prepare_output(same, out)
+    assert rec2["build_id"] == rec["build_id"]
+
+    other = load_config(None, ["build.target=10", "build.shard_size=5", "build.seed=9"])
+    with pytest.raises(BuildConfigMismatch) as e:
+        prepare_output(other, out)
+    assert '-    "seed": 0' in str(e.value) and '+    "seed": 9' in str(e.value)
+
+    (tmp_path / "out" / "shards" / "mifa-000000.tar").write_bytes(b"old")
+    _, rec3 = prepare_output(other, out, new_build=True)
+    assert rec3["build_id"] == other.identity_hash() != rec["build_id"]
+    assert not (tmp_path / "out" / "shards" / "mifa-000000.tar").exists()

@@ -1,0 +1,109 @@
+"""Plan and sampler: exact shard sizes, balanced quotas, adaptive draws, the oversample guard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from factory.config import load_config
+from factory.plan import GRID, Plan
+from factory.sampler import QuotaExhaustedError, ShardSampler
+from pipelines.facs import EMOTION_NAMES, occurrence
+
+
+def test_shard_sizes_and_quotas():
+    plan = Plan(load_config(None, ["build.target=2010", "build.shard_size=250"]))
+    assert plan.num_shards == 9
+    sizes = [s.size for s in plan.shards()]
+    assert sizes == [250] * 8 + [10]
+    for s in plan.shards():
+        assert s.quotas.sum() == s.size and (s.quotas >= 0).all()
+    assert len({s.seed for s in plan.shards()}) == 9
+    assert [s.name for s in plan.shards()][:2] == ["mifa-000000", "mifa-000001"]
+
+
+def test_quotas_follow_weights_at_every_scale():
+    cfg = load_config(None, ["build.target=100000", "build.shard_size=400", "plan.emotions={happiness: 3, sadness: 1}"])
+    plan = Plan(cfg)
+    totals = plan.totals()
+    emo = np.bincount(GRID.emotion_of(np.arange(GRID.size)), weights=totals)
+    happy, sad = emo[EMOTION_NAMES.index("happiness")], emo[EMOTION_NAMES.index("sadness")]
+    assert happy + sad == 100000 and abs(happy / 100000 - 0.75) < 0.001
+    assert emo.sum() == happy + sad  # zero weight -> zero quota
+    # one shard is balanced too (low-discrepancy positions, not iid draws)
+    q = plan.shard(17).quotas
+    e = np.bincount(GRID.emotion_of(np.arange(GRID.size)), weights=q)
+    assert abs(e[EMOTION_NAMES.index("happiness")] - 300) <= 3
+    skin = np.bincount(GRID.skin_of(np.arange(GRID.size)), weights=q)
+    assert skin.max() - skin.min() <= 4
+
+
+def _fill(sampler: ShardSampler, accept) -> tuple[np.ndarray, list]:
+    kept = []
+    while not sampler.done:
+        cands = sampler.draw()
+        passed = np.array([accept(c) for c in cands])
+        keep = sampler.record(cands, passed)
+        kept += [c for c, k in zip(cands, keep) if k]
+    return sampler.accepted, kept
+
+
+def test_sampler_fills_quotas_exactly_and_adapts_to_rejection():
+    cfg = load_config(None, ["build.target=400", "build.shard_size=400", "build.max_oversample=10"])
+    spec = Plan(cfg).shard(0)
+    rng = np.random.default_rng(0)
+    fear = EMOTION_NAMES.index("fear")
+    # the checks reject 75% of fear samples and 10% of the rest
+    accept = lambda c: rng.random() > (0.75 if c.emotion == "fear" else 0.10)  # noqa: E731
+    sampler = ShardSampler(spec, cfg)
+    accepted, kept = _fill(sampler, accept)
+    assert (accepted == spec.quotas).all() and len(kept) == 400
+    tried_e = np.bincount(GRID.emotion_of(np.arange(GRID.size)), weights=sampler.tried)
+    quota_e = np.bincount(GRID.emotion_of(np.arange(GRID.size)), weights=spec.quotas)
+    ratio = tried_e / np.maximum(quota_e, 1)
+    others = np.delete(ratio, fear)
+    assert ratio[fear] > 3.0 and others.max() < 1.4  # rejected strata drawn more often
+    assert sampler.drawn < 1.5 * (quota_e[fear] * 4 + (400 - quota_e[fear]) / 0.9)
+
+
+def test_candidate_stream_is_deterministic_and_targets_are_plausible():
+    cfg = load_config(None, ["build.target=300", "build.shard_size=300"])
+    spec = Plan(cfg).shard(0)
+    a, b = ShardSampler(spec, cfg), ShardSampler(spec, cfg)
+    ca, cb = a.draw(), b.draw()
+    assert [c.key for c in ca] == [c.key for c in cb]
+    assert all((x.intensity == y.intensity).all() and x.identity == y.identity for x, y in zip(ca, cb))
+    _, kept = _fill(ShardSampler(spec, cfg), lambda c: True)
+    for c in kept:
+        assert c.intensity.min() >= 0 and c.intensity.max() <= 5
+        occ = occurrence(c.intensity)
+        if c.emotion == "happiness":
+            assert occ[[4, 6]].all()  # AU6 and AU12 core
+        if c.emotion == "neutral":
+            assert not occ.any()
+        assert c.identity.skin_group == GRID.cell(c.cell).skin_group
+        assert c.identity.age_group == GRID.cell(c.cell).age_group
+
+
+def test_oversample_guard_fails_with_clear_reason():
+    cfg = load_config(None, ["build.target=100", "build.shard_size=100", "build.max_oversample=2"])
+    sampler = ShardSampler(Plan(cfg).shard(0), cfg)
+    with pytest.raises(QuotaExhaustedError, match=r"accepted \d+/100 after 200 candidates.*max_oversample=2.0"):
+        _fill(sampler, lambda c: c.emotion != "anger")
+    assert sampler.drawn == 200
+
+
+def test_dry_run_plans_a_million_without_ray():
+    p = subprocess.run(
+        [sys.executable, "-m", "factory.cli", "build", "--target", "1000000", "--shard-size", "1000", "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    summary = json.loads(p.stdout)
+    assert summary["num_shards"] == 1000 and sum(summary["emotions"].values()) == 1000000
+    assert "ray" not in p.stderr.lower()  # planning starts no cluster (timing: bench/bench_plan.py)
