@@ -103,11 +103,12 @@ class PuppetConfig(_Section):
 
 
 class ChecksConfig(_Section):
-    """Thresholds of the named check stages; each rejection is counted under the stage's name."""
+    """Thresholds of the named check stages; each rejection is counted under the stage's name.
 
-    prompt_target_jaccard: float = Field(
-        0.67, ge=0.0, le=1.0, description="Jaccard(parsed prompt AUs, target AUs) needed to keep the prompt"
-    )
+    The prompt-vs-target check uses `expand.tau`, the same threshold the LLM expander verifies
+    its replies with, so one number decides what a good prompt is.
+    """
+
     label_prompt_jaccard: float = Field(
         0.67, ge=0.0, le=1.0, description="Jaccard(parsed prompt AUs, generated labels): the paper's filter"
     )

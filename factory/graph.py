@@ -111,6 +111,7 @@ def _init_ray(cfg: FactoryConfig) -> bool:
         kwargs["runtime_env"] = {"env_vars": env_vars}
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(
+            address="local",  # never join a cluster that some earlier `ray start` left on this machine
             num_cpus=cfg.runtime.num_cpus,
             object_store_memory=cfg.runtime.object_store_mb * 1024 * 1024,
             include_dashboard=False,
@@ -118,8 +119,26 @@ def _init_ray(cfg: FactoryConfig) -> bool:
         log.info("starting an embedded local Ray (set RAY_ADDRESS or use `ray job submit` for a cluster)")
     else:
         log.info("joining the Ray cluster at %s", os.environ["RAY_ADDRESS"])
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"{err}. Is the cluster up, and does this client hold its token? With token auth (Ray's default) set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH; for a cluster started with "
+            "RAY_AUTH_MODE=disabled, set the same here"
+        ) from err
     return True
+
+
+def _client_auth_mode() -> None:
+    """Ray 2.60 clusters use token auth by default, but a client with RAY_AUTH_MODE unset sends no
+    token. When a token is at hand (env or ~/.ray/auth_token) and the mode is unset, use it."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        log.info("RAY_AUTH_MODE unset and a Ray token is available: connecting with token auth")
 
 
 class GeneratorActor:
@@ -170,6 +189,8 @@ def _error_record(name: str, index: int, err: BaseException, attempts: int) -> d
 
 def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSummary:
     """Build or resume OUT until every shard is committed or has run out of retries."""
+    if os.environ.get("RAY_ADDRESS"):
+        _client_auth_mode()  # before ray is imported: it reads the mode once
     import ray
 
     t0 = time.time()

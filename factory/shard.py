@@ -82,7 +82,7 @@ def run_shard(
             timings["expand"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            prompt_ok = np.array([e.jaccard >= cfg.checks.prompt_target_jaccard for e in expansions])
+            prompt_ok = np.array([e.jaccard >= cfg.expand.tau for e in expansions])
             rejected["prompt_target_jaccard"] += int((~prompt_ok).sum())
             timings["checks"] += time.perf_counter() - t
 

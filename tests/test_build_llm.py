@@ -1,0 +1,64 @@
+"""`factory build` with expand.backend=llm against a real OpenAI-protocol server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import webdataset as wds
+from openai_server import FakeOpenAIServer
+
+from conftest import FAST, factory
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as s:
+        yield s
+
+
+def _llm_args(server: FakeOpenAIServer, out) -> list[str]:
+    return [
+        "--target", "60", "--shard-size", "30", "--out", str(out), *FAST,
+        "--set", "expand.backend=llm",
+        "--set", f"expand.llm.base_url={server.base_url}",
+        "--set", "expand.llm.model=test-model",
+        "--set", "expand.llm.backoff_base_s=0.01",
+    ]  # fmt: skip
+
+
+def test_llm_build_records_expander_and_resume_hits_the_cache(server, tmp_path):
+    out = tmp_path / "out"
+    server.push("error_500", "wrong_aus", "wrong_aus", "wrong_aus")  # a retry, then one fallback to the grammar
+    factory("build", *_llm_args(server, out), check=True)
+    samples = list(wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False))
+    assert len(samples) == 60
+    metas = [json.loads(s["json"]) for s in samples]
+    expanders = [(m["expander"], m["expand_fallback"]) for m in metas]
+    assert expanders.count(("llm", False)) >= 58 and set(expanders) <= {("llm", False), ("grammar", True)}
+    stats = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.stats.json"))]
+    total = {k: sum(s["expand"][k] for s in stats) for k in ("calls", "retries", "cache_hits", "fallbacks")}
+    assert total["calls"] >= 60 and total["retries"] >= 1 and total["cache_hits"] == 0
+    asked = len(server.requests)
+    assert asked >= 60
+
+    # lose one committed shard: the resume redoes it from the cache, asking the server nothing
+    shard1 = sorted((out / "shards").glob("mifa-000001.*"))
+    tar_before = (out / "shards" / "mifa-000001.tar").read_bytes()
+    for p in shard1:
+        p.unlink()
+    p = factory("resume", str(out), "--set", "runtime.progress=false", "--set", "runtime.object_store_mb=100")
+    assert p.returncode == 0, p.stderr
+    assert len(server.requests) == asked
+    redone = json.loads((out / "shards" / "mifa-000001.stats.json").read_text())
+    assert redone["expand"]["calls"] == 0 and redone["expand"]["cache_hits"] >= 30
+    assert (out / "shards" / "mifa-000001.tar").read_bytes() == tar_before
+
+
+def test_llm_server_down_build_still_completes(tmp_path):
+    with FakeOpenAIServer() as s:
+        args = _llm_args(s, tmp_path / "out")
+    # the server is stopped now: nothing listens on its port
+    factory("build", *args, "--set", "expand.llm.max_retries=0", check=True)
+    metas = [json.loads(s["json"]) for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar")), shardshuffle=False)]
+    assert len(metas) == 60 and all(m["expander"] == "grammar" and m["expand_fallback"] for m in metas)
