@@ -12,7 +12,9 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+from .config import FactoryConfig
 from .layout import TMP_PREFIX, Layout
+from .plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +88,23 @@ def clear_failure(layout: Layout, name: str) -> None:
     path = layout.failed(name)
     if layout.fs.exists(path):
         layout.fs.rm(path)
+
+
+@dataclass
+class Build:
+    """An existing output as readers (verify, report) see it: its record, config, plan and disk state."""
+
+    layout: Layout
+    record: dict[str, Any]
+    cfg: FactoryConfig
+    plan: Plan
+    state: DiskState
+
+
+def open_build(out: str) -> Build:
+    layout = Layout(out)
+    if not layout.fs.exists(layout.build_json):
+        raise FileNotFoundError(f"{out} has no build.json: not a factory output (run `factory build --out {out}`)")
+    record = layout.read_json(layout.build_json)
+    cfg = FactoryConfig.model_validate(record["config"])
+    return Build(layout, record, cfg, Plan(cfg), scan(layout, record["build_id"]))

@@ -13,20 +13,12 @@ import numpy as np
 
 from pipelines.facs import AUS, EMOTIONS
 
-from .config import FactoryConfig
-from .layout import Layout
-from .manifest import scan
-from .plan import Plan
+from .manifest import open_build
 
 
 def build_report(out: str) -> dict[str, Any]:
-    layout = Layout(out)
-    if not layout.fs.exists(layout.build_json):
-        raise FileNotFoundError(f"{out} has no build.json: not a factory output (run `factory build --out {out}`)")
-    record = layout.read_json(layout.build_json)
-    cfg = FactoryConfig.model_validate(record["config"])
-    plan = Plan(cfg)
-    state = scan(layout, record["build_id"])
+    b = open_build(out)
+    record, plan, state = b.record, b.plan, b.state
     stats = list(state.committed.values())
     accepted = sum(int(s["samples"]) for s in stats)
     candidates = sum(int(s["candidates"]) for s in stats)

@@ -20,10 +20,8 @@ from PIL import Image
 
 from pipelines.facs import NUM_AUS
 
-from .config import FactoryConfig
 from .layout import Layout
-from .manifest import STATS_SUFFIX, scan
-from .plan import Plan
+from .manifest import STATS_SUFFIX, open_build
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +121,8 @@ def _check_parquet(name: str, data: bytes, tar_keys: list[str], report: VerifyRe
 
 
 def verify(out: str) -> VerifyReport:
-    layout = Layout(out)
-    if not layout.fs.exists(layout.build_json):
-        raise FileNotFoundError(f"{out} has no build.json: not a factory output (run `factory build --out {out}`)")
-    record = layout.read_json(layout.build_json)
-    cfg = FactoryConfig.model_validate(record["config"])
-    plan = Plan(cfg)
-    state = scan(layout, record["build_id"])
+    b = open_build(out)
+    layout, _record, plan, state = b.layout, b.record, b.plan, b.state
     report = VerifyReport(shards=plan.num_shards)
     planned = set()
     for i in range(plan.num_shards):

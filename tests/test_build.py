@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from conftest import FAST, ROOT, factory
 from pipelines.facs import NUM_AUS
