@@ -122,7 +122,7 @@ def _check_parquet(name: str, data: bytes, tar_keys: list[str], report: VerifyRe
 
 def verify(out: str) -> VerifyReport:
     b = open_build(out)
-    layout, _record, plan, state = b.layout, b.record, b.plan, b.state
+    layout, plan, state = b.layout, b.plan, b.state
     report = VerifyReport(shards=plan.num_shards)
     planned = set()
     for i in range(plan.num_shards):
