@@ -111,7 +111,8 @@ def _check_tar(name: str, data: bytes, stats: dict, report: VerifyReport) -> lis
 
 def _check_parquet(name: str, data: bytes, tar_keys: list[str], report: VerifyReport) -> None:
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # one thread: verify reads small files, and a live Arrow pool at exit has aborted the process
+        table = pq.read_table(io.BytesIO(data), use_threads=False)
     except Exception as err:  # noqa: BLE001
         report.add(name, f"parquet unreadable: {err}")
         return
