@@ -27,7 +27,9 @@ def main() -> None:
     wall = time.perf_counter() - t
     rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"dry-run plan of {a.target:,} samples ({a.shard_size} per shard): {wall:.2f} s, peak RSS {rss_mb:.0f} MB")
-    print(f"  time / budget {BUDGET_S:.0f} s = {wall / BUDGET_S:.2f}; RSS / budget {BUDGET_MB:.0f} MB = {rss_mb / BUDGET_MB:.2f}")
+    print(
+        f"  time / budget {BUDGET_S:.0f} s = {wall / BUDGET_S:.2f}; RSS / budget {BUDGET_MB:.0f} MB = {rss_mb / BUDGET_MB:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The `factory` command: build, resume, verify, report.
+"""The `factory` command: build, resume, verify, report, eval, detectors train.
 
 Heavy imports (ray, torch) happen inside the commands that need them, so `--help`, `--dry-run`
 and `report` stay fast and small.
@@ -116,11 +116,13 @@ def resume(
 
 
 def _run(cfg: FactoryConfig, out: str, new_build: bool) -> None:
+    from detectors.spec import SpecError
+
     from .graph import run_build
 
     try:
         summary = run_build(cfg, out, new_build=new_build)
-    except ConfigError as err:
+    except (ConfigError, SpecError) as err:
         _fail(str(err))
     _finish(summary)
 
@@ -159,6 +161,79 @@ def report(
         typer.echo(json.dumps(rep, indent=1, default=float))
     else:
         print_report(rep)
+
+
+@app.command("eval")
+def eval_(
+    out: Annotated[str, typer.Argument(help="output of a build (committed shards are read)")],
+    detector: Annotated[
+        Optional[list[str]], typer.Option(help="AU detector spec or builtin:NAME (repeat); default: the build's")
+    ] = None,
+    min_agree: Annotated[Optional[int], typer.Option(help="k of the k-of-N consensus; default: the build's")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(help="evaluate only the first N samples")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    save: Annotated[bool, typer.Option(help="also write OUT/eval.json")] = True,
+) -> None:
+    """Label fidelity against detector consensus, realism, identity similarity to the exemplars."""
+    _setup_logging(False)
+    from detectors.spec import SpecError
+
+    from .eval import evaluate, print_eval
+    from .layout import Layout
+
+    try:
+        rep = evaluate(out, au_detectors=detector, min_agree=min_agree, max_samples=max_samples)
+    except (FileNotFoundError, SpecError, ValueError) as err:
+        _fail(str(err))
+    if save:
+        layout = Layout(out)
+        layout.write_json_atomic(layout.path("eval.json"), rep)
+    if as_json:
+        typer.echo(json.dumps(rep, indent=1, default=float))
+    else:
+        print_eval(rep)
+
+
+detectors_app = typer.Typer(no_args_is_help=True, help="The tiny puppet-domain detectors: train, evaluate.")
+app.add_typer(detectors_app, name="detectors")
+
+
+@detectors_app.command("train")
+def detectors_train(
+    name: Annotated[str, typer.Argument(help="au-cnn, au-resnet, au-vit, realism, identity, or all")],
+    out: Annotated[str, typer.Option(help="folder that receives NAME/ (model.onnx, spec.yaml, torch/, eval.json)")] = (
+        "detectors/models"
+    ),
+    epochs: Annotated[Optional[int], typer.Option(help="passes over the training renders")] = None,
+    train_samples: Annotated[Optional[int], typer.Option(help="training renders")] = None,
+    train_people: Annotated[Optional[int], typer.Option(help="training identities")] = None,
+    heldout_samples: Annotated[Optional[int], typer.Option(help="held-out renders (unseen identities)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train on puppet renders, export to ONNX, write the spec and held-out eval.json."""
+    _setup_logging(verbose)
+    from pydantic import ValidationError
+
+    from detectors.train import DEFAULT_MODELS, recipe_for, train_one
+
+    names = list(DEFAULT_MODELS) if name == "all" else [name]
+    if any(n not in DEFAULT_MODELS for n in names):
+        _fail(f"unknown model {name!r}; allowed: {', '.join(DEFAULT_MODELS)}, all")
+    given = {
+        "epochs": epochs,
+        "train_samples": train_samples,
+        "train_people": train_people,
+        "heldout_samples": heldout_samples,
+        "seed": seed,
+    }
+    for n in names:
+        try:
+            recipe = recipe_for(n, {k: v for k, v in given.items() if v is not None})
+        except ValidationError as err:
+            _fail(f"detectors train: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}")
+        rep = train_one(n, out, recipe)
+        typer.echo(json.dumps({"model": n, "heldout": rep["heldout"]}, indent=1, default=float))
 
 
 def main() -> None:

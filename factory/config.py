@@ -112,6 +112,40 @@ class ChecksConfig(_Section):
     label_prompt_jaccard: float = Field(
         0.67, ge=0.0, le=1.0, description="Jaccard(parsed prompt AUs, generated labels): the paper's filter"
     )
+    label_consensus_jaccard: float = Field(
+        0.67,
+        ge=0.0,
+        le=1.0,
+        description="Jaccard(generated labels, detector consensus) over the AUs the detectors agree on",
+    )
+    realism: float = Field(0.5, ge=0.0, le=1.0, description="minimum realism score")
+
+
+class DetectConfig(_Section):
+    """The detect stage: N AU detectors with k-of-N consensus, and the realism discriminator.
+
+    Models are spec YAML files (see detectors/spec.py) or `builtin:NAME` for the tiny puppet-domain
+    models shipped in detectors/models/. Their file hashes go into build.json, and a resume with
+    other model files is refused like a resume under another config.
+    """
+
+    enabled: bool = Field(True, description="run detect, consensus and realism, and their checks")
+    au_detectors: list[str] = Field(
+        default_factory=lambda: ["builtin:au-cnn", "builtin:au-resnet", "builtin:au-vit"], min_length=1
+    )
+    min_agree: int = Field(2, ge=1, description="k: an AU is agreed when k of the detectors covering it vote alike")
+    realism: str | None = Field("builtin:realism", description="realism discriminator spec; null: no realism check")
+    identity_encoder: str = Field("builtin:identity", description="identity encoder spec (eval, MAUGen)")
+    batch_size: int = Field(64, gt=0, description="images per detector call")
+
+    @model_validator(mode="after")
+    def _k(self) -> DetectConfig:
+        if self.enabled and self.min_agree > len(self.au_detectors):
+            raise ValueError(
+                f"min_agree={self.min_agree} but only {len(self.au_detectors)} AU detectors are configured; "
+                "no AU could ever be agreed - lower detect.min_agree or add detectors"
+            )
+        return self
 
 
 class RuntimeConfig(_Section):
@@ -124,6 +158,10 @@ class RuntimeConfig(_Section):
     max_shards_in_flight: int | None = Field(None, ge=1, description="default: 2 per generator actor")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
     object_store_mb: int = Field(256, ge=80, description="object store of the embedded local Ray")
+    num_detectors: int = Field(1, ge=1, description="detector actors (AU detectors + realism, loaded once each)")
+    detector_gpus: float = Field(0.0, ge=0.0, description="GPUs per detector actor (a fraction on a GPU cluster)")
+    detector_cpus: float = Field(0.5, gt=0.0, description="CPUs a detector actor reserves")
+    detector_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model (0: its default)")
     progress: bool = True
 
 
@@ -136,6 +174,7 @@ class FactoryConfig(_Section):
     expand: ExpandConfig = ExpandConfig()
     generator: Literal["puppet"] = "puppet"
     puppet: PuppetConfig = PuppetConfig()
+    detect: DetectConfig = DetectConfig()
     checks: ChecksConfig = ChecksConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 

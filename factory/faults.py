@@ -1,16 +1,29 @@
-"""Fault injection for chaos tests: make a named stage of a named shard fail on purpose.
+"""Fault injection for chaos tests: failing stages, and bad samples the filters must catch.
 
 MIFA_FAULTS="write:3,generate:7" makes shard 3 fail at its write stage and shard 7 at generate,
 on every attempt. It exercises the real failure path (retries, OUT/failed/, exit code, resume)
 without touching the code under test; unset, it costs one dict lookup per stage.
+
+MIFA_INJECT="blank:0.05,noise:0.05,wrong_expression:0.05" spoils that fraction of generated
+samples after the generator returns (chosen by a hash of the sample key, so a re-run spoils the
+same ones): `blank` makes a flat grey image, `noise` replaces it with pixel noise, and
+`wrong_expression` swaps in the image of another sample of the batch whose AU set overlaps the
+labels least (Jaccard <= 1/3), keeping the labels. The shard records what it spoiled in its
+stats under `injected`, so tests can check each one was rejected for the right reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from typing import Any
+
+import numpy as np
 
 ENV = "MIFA_FAULTS"
-STAGES = ("expand", "generate", "checks", "write")
+INJECT_ENV = "MIFA_INJECT"
+STAGES = ("expand", "generate", "detect", "checks", "write")
+INJECT_KINDS = ("blank", "noise", "wrong_expression")
 
 
 class InjectedFault(RuntimeError):
@@ -31,3 +44,60 @@ def check(stage: str, shard: int) -> None:
     spec = os.environ.get(ENV)
     if spec and (stage, shard) in parse(spec):
         raise InjectedFault(f"injected fault at stage {stage} of shard {shard} ({ENV}={spec})")
+
+
+def parse_inject(spec: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, rate = item.partition(":")
+        try:
+            r = float(rate)
+        except ValueError:
+            r = -1.0
+        if kind not in INJECT_KINDS or not 0.0 <= r <= 1.0:
+            raise ValueError(
+                f"{INJECT_ENV}={spec!r}: items look like KIND:RATE with KIND in {', '.join(INJECT_KINDS)}, RATE in [0, 1]"
+            )
+        out[kind] = r
+    return out
+
+
+def _u(key: str, kind: str) -> float:
+    h = hashlib.blake2b(f"{kind}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+def inject_samples(batch: Any, result: Any, threshold: int) -> dict[str, list[str]]:
+    """Spoil samples of `result` in place as MIFA_INJECT asks; returns {kind: keys spoiled}."""
+    spec = os.environ.get(INJECT_ENV)
+    if not spec:
+        return {}
+    rates = parse_inject(spec)
+    from pipelines.facs import jaccard
+
+    done: dict[str, list[str]] = {}
+    taken: set[int] = set()
+    occ = result.occurrence_prob >= 0.5
+    original = result.images
+    result.images = original.copy()  # arrays from the object store are read-only
+    for kind in INJECT_KINDS:
+        rate = rates.get(kind, 0.0)
+        for j, key in enumerate(batch.keys):
+            if j in taken or rate <= 0 or _u(key, kind) >= rate:
+                continue
+            rng = np.random.default_rng(int(_u(key, "seed") * 2**32))
+            if kind == "blank":
+                result.images[j] = 128
+            elif kind == "noise":
+                result.images[j] = rng.integers(0, 256, result.images[j].shape, dtype=np.uint8)
+            else:
+                overlaps = [(jaccard(occ[j], occ[m]), m) for m in range(len(batch.keys)) if m != j]
+                if not overlaps:
+                    continue
+                best, m = min(overlaps)
+                if best > 1 / 3:
+                    continue
+                result.images[j] = original[m]
+            taken.add(j)
+            done.setdefault(kind, []).append(key)
+    return done

@@ -26,6 +26,20 @@ from .progress import BuildProgress
 log = logging.getLogger(__name__)
 
 
+class ModelLoadError(ConfigError):
+    """An actor could not load a configured model (missing, corrupt or mismatched file)."""
+
+
+def _actor_cause(err: BaseException) -> str:
+    """The original exception line out of a Ray actor-death error (its text embeds the traceback)."""
+    text = str(err)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if "Error:" in line and not line.startswith(("ray.", "File ")):
+            return line
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class BuildConfigMismatch(ConfigError):
     """OUT holds a build with another config; resuming it under this one would mix two corpora."""
 
@@ -73,7 +87,15 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
                 f"{layout.build_json} is unreadable ({err}); move OUT aside or pass --new-build to start over"
             ) from None
         if old.get("build_id") == build_id and old_identity == cfg.identity_dict():
-            return layout, old
+            models = _model_hashes(cfg)
+            if old.get("models", {}) != models and not new_build:
+                raise BuildConfigMismatch(
+                    f"{out} holds build {build_id} made with other detector model files "
+                    f"(build.json: {old.get('models')}; now: {models}); refusing to mix corpora filtered by "
+                    "different models. Restore those files, or pass --new-build to start over"
+                )
+            if old.get("models", {}) == models:
+                return layout, old
         if not new_build:
             raise BuildConfigMismatch(
                 f"{out} holds build {old.get('build_id')} made with another config; refusing to mix corpora. "
@@ -92,11 +114,39 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "identity": cfg.identity_dict(),
         "config": cfg.model_dump(mode="json"),
+        "models": _model_hashes(cfg),
         "plan": {"target": plan.target, "shard_size": plan.shard_size, "num_shards": plan.num_shards},
         "versions": versions(),
     }
     layout.write_json_atomic(layout.build_json, record)
     return layout, record
+
+
+def _model_hashes(cfg: FactoryConfig) -> dict[str, str]:
+    """sha256 of every model file the build's filters use (checked again on resume)."""
+    if not cfg.detect.enabled:
+        return {}
+    from detectors.panel import model_hashes
+
+    refs = list(cfg.detect.au_detectors) + ([cfg.detect.realism] if cfg.detect.realism else [])
+    return model_hashes(refs)
+
+
+def _check_resources(cfg: FactoryConfig) -> None:
+    """Actors hold their CPUs for the whole build: if they leave none for a shard task, nothing runs."""
+    import ray
+
+    rt = cfg.runtime
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    actors = rt.num_generators * rt.generator_cpus
+    if cfg.detect.enabled:
+        actors += rt.num_detectors * rt.detector_cpus
+    if actors + rt.shard_task_cpus > total + 1e-9:
+        raise ConfigError(
+            f"config error: runtime: the actors reserve {actors:g} CPUs and a shard task {rt.shard_task_cpus:g}, "
+            f"but the Ray cluster has {total:g}; lower runtime.generator_cpus / runtime.detector_cpus / "
+            "runtime.num_generators / runtime.num_detectors, or add CPUs"
+        )
 
 
 def _init_ray(cfg: FactoryConfig) -> bool:
@@ -106,7 +156,7 @@ def _init_ray(cfg: FactoryConfig) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-    env_vars = {k: v for k, v in os.environ.items() if k == "MIFA_FAULTS"}
+    env_vars = {k: v for k, v in os.environ.items() if k in ("MIFA_FAULTS", "MIFA_INJECT")}
     if env_vars:
         kwargs["runtime_env"] = {"env_vars": env_vars}
     if not os.environ.get("RAY_ADDRESS"):
@@ -156,7 +206,40 @@ class GeneratorActor:
         return self.generator.generate(batch)
 
 
-def _shard_task(cfg_dict: dict[str, Any], index: int, out: str, actor: Any, build_id: str, attempt: int, info: dict):
+class DetectorActor:
+    """Owns the AU detectors and the realism discriminator (ONNX sessions loaded once)."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        from detectors.panel import DetectorPanel
+
+        cfg = FactoryConfig.model_validate(cfg_dict)
+        d = cfg.detect
+        self.panel = DetectorPanel(
+            d.au_detectors,
+            d.min_agree,
+            realism=d.realism,
+            threads=cfg.runtime.detector_threads,
+            occurrence_threshold=cfg.labels.occurrence_threshold,
+            batch_size=d.batch_size,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return self.panel.describe()
+
+    def detect(self, images: Any) -> Any:
+        return self.panel.detect(images)
+
+
+def _shard_task(
+    cfg_dict: dict[str, Any],
+    index: int,
+    out: str,
+    actor: Any,
+    detector: Any,
+    build_id: str,
+    attempt: int,
+    info: dict,
+):
     import ray
 
     from .shard import run_shard
@@ -171,6 +254,7 @@ def _shard_task(cfg_dict: dict[str, Any], index: int, out: str, actor: Any, buil
         build_id=build_id,
         attempt=attempt,
         generator_info=info,
+        detect=(lambda images: ray.get(detector.detect.remote(images))) if detector is not None else None,
     )
 
 
@@ -220,11 +304,22 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     started = _init_ray(cfg)
     try:
         rt = cfg.runtime
+        _check_resources(cfg)
         cfg_dict = cfg.model_dump(mode="json")
         actor_cls = ray.remote(GeneratorActor).options(
             num_cpus=rt.generator_cpus, num_gpus=rt.generator_gpus, max_restarts=3, max_task_retries=2
         )
         actors = [actor_cls.remote(cfg_dict) for _ in range(rt.num_generators)]
+        detectors: list[Any] = []
+        if cfg.detect.enabled:
+            det_cls = ray.remote(DetectorActor).options(
+                num_cpus=rt.detector_cpus, num_gpus=rt.detector_gpus, max_restarts=3, max_task_retries=2
+            )
+            detectors = [det_cls.remote(cfg_dict) for _ in range(rt.num_detectors)]
+            try:
+                ray.get([d.describe.remote() for d in detectors])
+            except ray.exceptions.RayActorError as err:
+                raise ModelLoadError(f"the detector actors could not load their models: {_actor_cause(err)}") from None
         info = ray.get(actors[0].info.remote())
         task = ray.remote(_shard_task).options(num_cpus=rt.shard_task_cpus, max_retries=2, retry_exceptions=False)
         cfg_ref = ray.put(cfg_dict)
@@ -240,8 +335,9 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                     i = pending.popleft()
                     attempts[i] = attempts.get(i, 0) + 1
                     actor = actors[submitted % len(actors)]
+                    detector = detectors[submitted % len(detectors)] if detectors else None
                     submitted += 1
-                    ref = task.remote(cfg_ref, i, out, actor, build_id, attempts[i], info)
+                    ref = task.remote(cfg_ref, i, out, actor, detector, build_id, attempts[i], info)
                     in_flight[ref] = (i, attempts[i])
                 ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -271,7 +367,7 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                 progress.tick()
         finally:
             progress.stop()
-            for a in actors:
+            for a in [*actors, *detectors]:
                 ray.kill(a)
     finally:
         if started:

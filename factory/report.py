@@ -14,6 +14,7 @@ import numpy as np
 from pipelines.facs import AUS, EMOTIONS
 
 from .manifest import open_build
+from .stages import FUNNEL_ORDER, REASONS
 
 
 def build_report(out: str) -> dict[str, Any]:
@@ -119,10 +120,12 @@ def print_report(rep: dict[str, Any]) -> None:
     t = Table(title="funnel and rejections")
     t.add_column("stage / reason")
     t.add_column("count", justify="right")
-    for k, v in rep["funnel"].items():
-        t.add_row(k, str(v))
-    for k, v in rep["rejected"].items():
-        t.add_row(f"rejected: {k}", str(v))
+    funnel = rep["funnel"]
+    for k in sorted(funnel, key=lambda k: FUNNEL_ORDER.index(k) if k in FUNNEL_ORDER else len(FUNNEL_ORDER)):
+        t.add_row(k, str(funnel[k]))
+    rejected = rep["rejected"]
+    for k in sorted(rejected, key=lambda k: REASONS.index(k) if k in REASONS else len(REASONS)):
+        t.add_row(f"rejected: {k}", str(rejected[k]))
     con.print(t)
     t = Table(title="per-AU labels vs plan (accepted samples)")
     for c in ("AU", "planned occ.", "occurrence", "planned mean int.", "mean intensity"):

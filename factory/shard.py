@@ -1,4 +1,4 @@
-"""One shard from candidates to committed files: expand -> generate -> checks -> write.
+"""One shard from candidates to committed files: expand -> generate -> detect -> checks -> write.
 
 This is the body of a small, idempotent Ray task: given the same config and shard index it
 writes the same bytes, so a retry or a resume after a crash simply runs it again.
@@ -6,11 +6,13 @@ writes the same bytes, so a retry or a resume after a crash simply runs it again
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,14 +26,19 @@ from .generators import GenerationBatch, GenerationResult, validate_result
 from .layout import Layout
 from .plan import GRID, Plan
 from .sampler import Candidate, ShardSampler
+from .stages import FUNNEL, REASONS
 from .writer import ShardWriter, au_array
+
+if TYPE_CHECKING:
+    from detectors.panel import Detection
 
 log = logging.getLogger(__name__)
 
-#: Rejection reasons, named after the stage or check that rejects (report and stats use them).
-REASONS = ("prompt_target_jaccard", "invalid_image", "label_prompt_jaccard", "over_quota")
+#: Keys of rejected samples kept per reason in the stats (examples for reports and tests).
+REJECTED_EXAMPLES = 200
 
 GenerateFn = Callable[[GenerationBatch], GenerationResult]
+DetectFn = Callable[[np.ndarray], "Detection"]
 
 
 def run_shard(
@@ -42,6 +49,7 @@ def run_shard(
     build_id: str,
     attempt: int = 1,
     generator_info: dict[str, str] | None = None,
+    detect: DetectFn | None = None,
 ) -> dict[str, Any]:
     """Fill, write and commit shard `index`; returns its stats (the commit marker's content)."""
     t0 = time.time()
@@ -55,7 +63,17 @@ def run_shard(
     generator_info = generator_info or {}
     gen_tag = f"{generator_info.get('name', cfg.generator)}@{generator_info.get('version', '?')}"
 
+    if cfg.detect.enabled and detect is None:
+        raise ValueError("detect.enabled is true but no detect stage was given to run_shard")
     rejected: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {r: [] for r in REASONS}
+    injected_keys: dict[str, list[str]] = {}
+
+    def reject(reason: str, key: str) -> None:
+        rejected[reason] += 1
+        if len(examples[reason]) < REJECTED_EXAMPLES:
+            examples[reason].append(key)
+
     timings: Counter[str] = Counter()
     expand_stats = None
     per_au = {k: np.zeros(NUM_AUS) for k in ("target_occ", "target_int", "occ", "int")}
@@ -83,7 +101,8 @@ def run_shard(
 
             t = time.perf_counter()
             prompt_ok = np.array([e.jaccard >= cfg.expand.tau for e in expansions])
-            rejected["prompt_target_jaccard"] += int((~prompt_ok).sum())
+            for i in np.flatnonzero(~prompt_ok):
+                reject("prompt_target_jaccard", cands[i].key)
             timings["checks"] += time.perf_counter() - t
 
             # generate
@@ -100,28 +119,52 @@ def run_shard(
                     identities=[cands[i].identity for i in todo],
                 )
                 result = generate(batch)
+                for kind, keys in faults.inject_samples(batch, result, thr).items():
+                    injected_keys.setdefault(kind, []).extend(keys)
                 timings["generate"] += time.perf_counter() - t
 
-                # checks
-                t = time.perf_counter()
-                faults.check("checks", index)
                 valid = validate_result(result, batch, size)
                 for j in np.flatnonzero(~valid):
                     log.warning("shard %s: %s has a NaN/inf or blank output; rejected", spec.name, batch.keys[j])
-                rejected["invalid_image"] += int((~valid).sum())
+
+                # detect: AU detectors, consensus, realism (on the valid images only)
+                det = None
+                if cfg.detect.enabled and valid.any():
+                    t = time.perf_counter()
+                    faults.check("detect", index)
+                    det = detect(np.ascontiguousarray(result.images[valid]))
+                    timings["detect"] += time.perf_counter() - t
+                det_row = np.cumsum(valid) - 1  # batch position -> row of `det`
+
+                # checks, in REASONS order
+                t = time.perf_counter()
+                faults.check("checks", index)
                 gen_occ = result.occurrence_prob >= 0.5
                 for j, i in enumerate(todo):
+                    key = cands[i].key
                     if not valid[j]:
+                        reject("invalid_image", key)
+                        continue
+                    if det is not None and det.realism is not None and det.realism[det_row[j]] < cfg.checks.realism:
+                        reject("realism", key)
                         continue
                     prompt_occ = np.asarray(expansions[i].parsed) >= thr
-                    if jaccard(prompt_occ, gen_occ[j]) >= cfg.checks.label_prompt_jaccard:
-                        passed[i] = True
-                    else:
-                        rejected["label_prompt_jaccard"] += 1
+                    if jaccard(prompt_occ, gen_occ[j]) < cfg.checks.label_prompt_jaccard:
+                        reject("label_prompt_jaccard", key)
+                        continue
+                    if det is not None:
+                        c, r = det.consensus, det_row[j]
+                        if label_consensus_jaccard(gen_occ[j], c.occurrence[r], c.agree[r]) < (
+                            cfg.checks.label_consensus_jaccard
+                        ):
+                            reject("label_consensus_jaccard", key)
+                            continue
+                    passed[i] = True
                 timings["checks"] += time.perf_counter() - t
 
             keep = sampler.record(cands, passed)
-            rejected["over_quota"] += int((passed & ~keep).sum())
+            for i in np.flatnonzero(passed & ~keep):
+                reject("over_quota", cands[i].key)
 
             # write
             t = time.perf_counter()
@@ -129,7 +172,8 @@ def run_shard(
             if result is not None:
                 for j, i in enumerate(todo):
                     if keep[i]:
-                        _write_sample(writer, cands[i], expansions[i], result, j, thr, gen_tag, build_id, per_au)
+                        d = (det, int(det_row[j])) if det is not None else None
+                        _write_sample(writer, cands[i], expansions[i], result, j, d, thr, gen_tag, build_id, per_au)
                         cells_kept[cands[i].cell] += 1
             timings["write"] += time.perf_counter() - t
 
@@ -141,13 +185,8 @@ def run_shard(
             "size": spec.size,
             "candidates": sampler.drawn,
             "rejected": {r: int(rejected[r]) for r in REASONS},
-            "funnel": {
-                "candidates": sampler.drawn,
-                "expand": sampler.drawn - int(rejected["prompt_target_jaccard"]),
-                "generate_valid": sampler.drawn - int(rejected["prompt_target_jaccard"] + rejected["invalid_image"]),
-                "checks": int(sampler.passed.sum()),
-                "accepted": int(cells_kept.sum()),
-            },
+            "rejected_examples": {r: v for r, v in examples.items() if v},
+            "funnel": _funnel(sampler.drawn, rejected, int(sampler.passed.sum()), int(cells_kept.sum())),
             "per_au": {k: v.tolist() for k, v in per_au.items()},
             "emotions": _counts(GRID.emotion_of, GRID.emotions, cells_kept),
             "skin_groups": _counts(GRID.skin_of, range(GRID.skin_groups), cells_kept),
@@ -159,9 +198,12 @@ def run_shard(
             },
             "expand": expand_stats.model_dump() if expand_stats is not None else {},
             "generator": gen_tag,
+            "detect": {"enabled": cfg.detect.enabled, "min_agree": cfg.detect.min_agree},
             "node": socket.gethostname(),
             "attempt": attempt,
         }
+        if injected_keys:
+            stats["injected"] = injected_keys
         if int(cells_kept.sum()) != spec.size:
             raise RuntimeError(f"shard {spec.name} kept {int(cells_kept.sum())} samples, planned {spec.size}")
         timings["write"] += time.perf_counter() - t
@@ -175,6 +217,27 @@ def run_shard(
         raise
 
 
+def _funnel(drawn: int, rejected: Counter[str], passed: int, accepted: int) -> dict[str, int]:
+    """Samples left after each stage, in graph order (each check removes its rejections)."""
+    out = {}
+    left = drawn
+    for stage, reason in FUNNEL:
+        left -= int(rejected[reason]) if reason else 0
+        out[stage] = left
+    out["checks"] = passed
+    out["accepted"] = accepted
+    return out
+
+
+def label_consensus_jaccard(occ: np.ndarray, consensus_occ: np.ndarray, agree: np.ndarray) -> float:
+    """Jaccard of the generator's labels and the detectors' consensus over the agreed AUs only.
+
+    AUs the detectors do not agree on carry no evidence either way, so they are left out of both
+    sets (both empty: 1.0, as for every Jaccard here).
+    """
+    return jaccard(occ & agree, consensus_occ & agree)
+
+
 def _counts(keyf: Callable[[np.ndarray], np.ndarray], names: Any, counts: np.ndarray) -> dict[str, int]:
     keys = keyf(np.arange(GRID.size))
     return {str(n): int(counts[keys == i].sum()) for i, n in enumerate(names)}
@@ -186,6 +249,7 @@ def _write_sample(
     expansion: Any,
     result: GenerationResult,
     j: int,
+    det: tuple[Detection, int] | None,
     thr: int,
     gen_tag: str,
     build_id: str,
@@ -199,6 +263,41 @@ def _write_sample(
         "prompt_target_jaccard": round(float(expansion.jaccard), 6),
         "label_prompt_jaccard": round(jaccard(prompt_occ, occ), 6),
     }
+    consensus_meta = None
+    row_det: dict[str, Any] = dict.fromkeys(
+        (
+            "consensus_occurrence",
+            "consensus_intensity",
+            "consensus_agree",
+            "realism",
+            "label_consensus_jaccard",
+            "detectors",
+        )
+    )
+    if det is not None:
+        d, r = det
+        c = d.consensus
+        c_occ, c_int, agree = c.occurrence[r], c.intensity[r], c.agree[r]
+        scores["label_consensus_jaccard"] = round(label_consensus_jaccard(occ, c_occ, agree), 6)
+        if d.realism is not None:
+            scores["realism"] = round(float(d.realism[r]), 6)
+        raw = d.raw(r)
+        consensus_meta = {
+            "occurrence": c_occ.astype(int).tolist(),
+            "intensity": [None if np.isnan(x) else round(float(x), 4) for x in c_int],
+            "agree": agree.astype(int).tolist(),
+            "votes": c.votes[r].astype(int).tolist(),
+            "coverage": c.coverage.astype(int).tolist(),
+            "min_agree": c.k,
+        }
+        row_det = {
+            "consensus_occurrence": c_occ.tolist(),
+            "consensus_intensity": [None if np.isnan(x) else float(x) for x in c_int],
+            "consensus_agree": agree.tolist(),
+            "realism": scores.get("realism"),
+            "label_consensus_jaccard": scores["label_consensus_jaccard"],
+            "detectors": _json(raw),
+        }
     identity = cand.identity.model_dump(mode="json")
     meta = {
         "key": cand.key,
@@ -218,6 +317,8 @@ def _write_sample(
             "occurrence_threshold": thr,
         },
         "prompt_aus": list(map(int, expansion.parsed)),
+        "consensus": consensus_meta,
+        "detectors": json.loads(row_det["detectors"]) if row_det["detectors"] else None,
         "identity": identity,
         "scores": scores,
         "provenance": {"generator": gen_tag, "build_id": build_id},
@@ -241,6 +342,7 @@ def _write_sample(
         "label_prompt_jaccard": scores["label_prompt_jaccard"],
         "identity": _json(identity),
         "generator": gen_tag,
+        **row_det,
     }
     writer.write(cand.key, result.images[j], meta, au_array(occ, intensity), row)
     per_au["target_occ"] += target >= thr
@@ -250,6 +352,4 @@ def _write_sample(
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, sort_keys=True)

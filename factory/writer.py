@@ -48,6 +48,13 @@ PARQUET_SCHEMA = pa.schema(
         ("label_prompt_jaccard", pa.float32()),
         ("identity", pa.string()),
         ("generator", pa.string()),
+        # detect stage (null when detect.enabled is false)
+        ("consensus_occurrence", pa.list_(pa.bool_(), len(AUS))),
+        ("consensus_intensity", pa.list_(pa.float32(), len(AUS))),  # null item: no intensity detector
+        ("consensus_agree", pa.list_(pa.bool_(), len(AUS))),
+        ("realism", pa.float32()),
+        ("label_consensus_jaccard", pa.float32()),
+        ("detectors", pa.string()),  # JSON {detector: {probability: [12], intensity: [12]}}, raw outputs
     ]
 )
 

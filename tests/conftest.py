@@ -19,6 +19,7 @@ def factory(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
     """Run `python -m factory.cli ARGS`; returns the CompletedProcess (stdout/stderr as text)."""
     full_env = dict(os.environ)
     full_env.pop("MIFA_FAULTS", None)
+    full_env.pop("MIFA_INJECT", None)
     full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "factory.cli", *args],

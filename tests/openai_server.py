@@ -32,9 +32,18 @@ from typing import Any
 
 AUS = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)
 _PHRASES = {
-    1: "raised inner brows", 2: "raised outer brows", 4: "lowered brows", 5: "widened eyes", 6: "raised cheeks",
-    9: "wrinkled nose", 12: "upturned lip corners", 15: "downturned lip corners", 17: "raised chin",
-    20: "stretched lips", 25: "parted lips", 26: "dropped jaw",
+    1: "raised inner brows",
+    2: "raised outer brows",
+    4: "lowered brows",
+    5: "widened eyes",
+    6: "raised cheeks",
+    9: "wrinkled nose",
+    12: "upturned lip corners",
+    15: "downturned lip corners",
+    17: "raised chin",
+    20: "stretched lips",
+    25: "parted lips",
+    26: "dropped jaw",
 }
 _ADVERBS = {2: "slightly", 3: "clearly", 4: "strongly", 5: "extremely"}
 _TARGET_RE = re.compile(r"TARGET:\s*```json\s*(\{.*?\})\s*```", re.S)
@@ -168,16 +177,28 @@ class FakeOpenAIServer:
                     return
                 prompt_words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                 completion_words = len((r.content or "").split())
-                self._send(200, {
-                    "id": f"chatcmpl-{len(server.requests)}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", "test-model"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": r.content},
-                                 "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": prompt_words, "completion_tokens": completion_words,
-                              "total_tokens": prompt_words + completion_words},
-                }, r.headers)
+                self._send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{len(server.requests)}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", "test-model"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": r.content},
+                                "finish_reason": "stop",
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": prompt_words,
+                            "completion_tokens": completion_words,
+                            "total_tokens": prompt_words + completion_words,
+                        },
+                    },
+                    r.headers,
+                )
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(payload).encode()

@@ -60,5 +60,8 @@ def test_llm_server_down_build_still_completes(tmp_path):
         args = _llm_args(s, tmp_path / "out")
     # the server is stopped now: nothing listens on its port
     factory("build", *args, "--set", "expand.llm.max_retries=0", check=True)
-    metas = [json.loads(s["json"]) for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar")), shardshuffle=False)]
+    metas = [
+        json.loads(s["json"])
+        for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar")), shardshuffle=False)
+    ]
     assert len(metas) == 60 and all(m["expander"] == "grammar" and m["expand_fallback"] for m in metas)

@@ -11,7 +11,9 @@ from factory.graph import BuildConfigMismatch, prepare_output
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config(None, ["build.shard_size=500", "plan.emotions={happiness: 2, sadness: 1}", "build.image_format=jpg"])
+    cfg = load_config(
+        None, ["build.shard_size=500", "plan.emotions={happiness: 2, sadness: 1}", "build.image_format=jpg"]
+    )
     assert cfg.build.shard_size == 500
     assert cfg.plan.emotions == {"happiness": 2.0, "sadness": 1.0}
     assert cfg.build.image_format == "jpg"
@@ -33,6 +35,10 @@ def test_defaults_and_overrides(tmp_path):
         ("plan.skin_groups=[1, 1]", "plan.skin_groups"),
         ("checks.label_prompt_jaccard=1.5", "checks.label_prompt_jaccard"),
         ("generator=diffusion", "generator"),
+        ("detect.min_agree=4", "min_agree=4 but only 3 AU detectors are configured"),
+        ("detect.au_detectors=[]", "detect.au_detectors"),
+        ("checks.realism=1.5", "checks.realism"),
+        ("detect.threshold=0.5", "detect.threshold: unknown key; allowed here: au_detectors, batch_size"),
         ("build.seed", "expected KEY=VALUE"),
     ],
 )

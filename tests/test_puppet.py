@@ -168,7 +168,9 @@ def test_render_is_identical_in_a_fresh_process(renderer):
         "    h.update(r.render(i, np.arange(12) % 6).tobytes())\n"
         "print(h.hexdigest())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     h = hashlib.sha256()
     for s in range(3):
         h.update(renderer.render(_ident(s), np.arange(12) % 6).tobytes())
@@ -284,7 +286,9 @@ def test_skin_groups_order_face_luminance(renderer):
     for seed in range(4):
         lums = []
         for sg in range(SKIN_TONE_GROUPS):
-            ident = _ident(seed, skin_group=sg, age_group="adult").model_copy(update={"hair_style": "bald", "glasses": False})
+            ident = _ident(seed, skin_group=sg, age_group="adult").model_copy(
+                update={"hair_style": "bald", "glasses": False}
+            )
             img = renderer.render(ident, _vec()).astype(np.float64)
             face = renderer.face_mask(ident)
             lum = img @ np.array([0.299, 0.587, 0.114])
@@ -296,6 +300,7 @@ def test_age_cues_are_rendered(renderer):
     """Same person as child / adult / elderly: the renders differ (shape, wrinkles, hair)."""
     imgs = {ag: renderer.render(_ident(9, age_group=ag), _vec()).astype(np.int32) for ag in AGE_GROUPS}
     assert np.abs(imgs["child"] - imgs["elderly"]).mean() > 5.0
+
     # elderly skin carries more crease pixels than a child's: count dark edges inside the face
     def creases(ag: str) -> int:
         ident = _ident(9, age_group=ag).model_copy(update={"glasses": False, "hair_style": "bald"})
@@ -319,10 +324,10 @@ def test_anti_aliasing(renderer):
     # blends sit on edges: the 1x render changes colour next to them
     g = np.zeros((64, 64), dtype=bool)
     h = hard.astype(np.int32)
-    edge = (np.abs(np.diff(h, axis=0)).sum(-1) > 0)
+    edge = np.abs(np.diff(h, axis=0)).sum(-1) > 0
     g[:-1] |= edge
     g[1:] |= edge
-    edge = (np.abs(np.diff(h, axis=1)).sum(-1) > 0)
+    edge = np.abs(np.diff(h, axis=1)).sum(-1) > 0
     g[:, :-1] |= edge
     g[:, 1:] |= edge
     near = g.copy()

@@ -1,0 +1,183 @@
+"""Puppet-domain training and held-out data for the tiny detectors, with disjoint identities.
+
+Identities come from seeded streams: `split="train"` and `split="heldout"` never share a stream,
+so held-out numbers are on people the model never saw. AU targets mix emotion prototypes (what
+the factory asks for) with independent per-AU draws (so a detector cannot read one AU off its
+usual partners), and intensity 1, just under the occurrence threshold, is common on purpose.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from pipelines.facs import INTENSITY_MAX, NUM_AUS
+from pipelines.prompts.targets import random_requests
+from pipelines.puppet import PuppetIdentity, PuppetRenderer
+from pipelines.puppet.identity import AGE_GROUPS, SKIN_TONE_GROUPS, sample_identity
+
+log = logging.getLogger(__name__)
+
+Split = Literal["train", "heldout"]
+_SPLIT_STREAM = {"train": 0x5EED_0001, "heldout": 0x5EED_0002}
+
+
+def identities(n: int, split: Split, seed: int = 0) -> list[PuppetIdentity]:
+    """`n` identities of a split, balanced over skin-tone and age groups."""
+    rng = np.random.default_rng([_SPLIT_STREAM[split], seed])
+    out = []
+    for i in range(n):
+        skin = i % SKIN_TONE_GROUPS
+        age = AGE_GROUPS[(i // SKIN_TONE_GROUPS) % len(AGE_GROUPS)]
+        out.append(sample_identity(rng, skin_group=skin, age_group=age))
+    return out
+
+
+def au_targets(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 12) int intensities: half emotion prototypes, half independent AUs (p=0.35 each)."""
+    half = n // 2
+    proto = np.stack([np.asarray(r.intensity) for r in random_requests(half, seed=int(rng.integers(2**31)))])
+    indep = np.where(rng.random((n - half, NUM_AUS)) < 0.35, rng.integers(1, INTENSITY_MAX + 1, (n - half, NUM_AUS)), 0)
+    out = np.concatenate([proto.reshape(half, NUM_AUS), indep]).astype(np.int64)
+    return out[rng.permutation(n)]
+
+
+@dataclass
+class PuppetSet:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    intensity: np.ndarray  # int (N, 12)
+    identity: np.ndarray  # int (N,): index into `people`
+    people: list[PuppetIdentity]
+
+
+def _render_chunk(args: tuple[int, int, list[PuppetIdentity], np.ndarray]) -> np.ndarray:
+    size, supersample, people, ints = args
+    return PuppetRenderer(size=size, supersample=supersample).render_batch(people, ints)
+
+
+def render(
+    people: list[PuppetIdentity], intensity: np.ndarray, size: int = 64, supersample: int = 4, workers: int = 2
+) -> np.ndarray:
+    """Render (identity, intensity) rows, in `workers` processes (the renderer is pure Python + PIL)."""
+    n = len(people)
+    if workers <= 1 or n < 512:
+        return _render_chunk((size, supersample, people, intensity))
+    bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
+    jobs = [(size, supersample, people[a:b], intensity[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+    with ProcessPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(_render_chunk, jobs)))
+
+
+def au_set(n: int, num_people: int, split: Split, seed: int = 0, size: int = 64, workers: int = 2) -> PuppetSet:
+    """`n` renders of `num_people` identities of `split` with random AU targets."""
+    people = identities(num_people, split, seed)
+    rng = np.random.default_rng([_SPLIT_STREAM[split], seed, 1])
+    who = rng.integers(0, num_people, n)
+    ints = au_targets(n, rng)
+    images = render([people[i] for i in who], ints, size=size, workers=workers)
+    return PuppetSet(images=images, intensity=ints, identity=who, people=people)
+
+
+# ---------------------------------------------------------------------------------------------
+# Realism negatives: what the discriminator must reject.
+
+NEGATIVE_KINDS: tuple[str, ...] = (
+    "noise",  # i.i.d. pixel noise
+    "smooth_noise",  # low-frequency random field (off-domain texture)
+    "shapes",  # random ellipses and boxes on a random background (off-domain)
+    "blur",  # strong blur of a real render
+    "pixelate",  # block upsampling of a tiny render
+    "heavy_noise",  # real render under strong additive noise
+    "channel_swap",  # wrong colours: permuted or inverted channels
+    "patch_shuffle",  # face cut into tiles and shuffled
+    "half_face",  # one half of the face replaced by another identity's / blank
+    "flip_vertical",  # upside-down face
+    "blank_region",  # a large block of the face erased
+    "blend",  # two faces superimposed (ghosting)
+)
+
+
+def degrade(img: np.ndarray, other: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A negative example of `kind` made from a real render `img` (and a second one, `other`)."""
+    from PIL import Image, ImageFilter
+
+    h, w, _ = img.shape
+    f = img.astype(np.float32)
+    if kind == "noise":
+        out = rng.integers(0, 256, img.shape)
+    elif kind == "smooth_noise":
+        small = rng.integers(0, 256, (4 + int(rng.integers(6)), 4 + int(rng.integers(6)), 3)).astype(np.uint8)
+        out = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+    elif kind == "shapes":
+        from PIL import ImageDraw
+
+        canvas = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        d = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(3, 9))):
+            x0, y0 = rng.integers(0, w, 2)
+            x1, y1 = x0 + rng.integers(4, w // 2), y0 + rng.integers(4, h // 2)
+            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (d.ellipse if rng.random() < 0.5 else d.rectangle)([int(x0), int(y0), int(x1), int(y1)], fill=fill)
+        out = np.asarray(canvas)
+    elif kind == "blur":
+        out = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(2.5 + 2.5 * rng.random())))
+    elif kind == "pixelate":
+        k = int(rng.choice([6, 8, 12, 16]))
+        small = Image.fromarray(img).resize((w // k, h // k), Image.BILINEAR)
+        out = np.asarray(small.resize((w, h), Image.NEAREST))
+    elif kind == "heavy_noise":
+        out = f + rng.normal(0, 60 + 40 * rng.random(), img.shape)
+    elif kind == "channel_swap":
+        out = 255 - f if rng.random() < 0.4 else f[..., rng.permutation([2, 0, 1]) if rng.random() < 0.5 else [2, 1, 0]]
+    elif kind == "patch_shuffle":
+        t = int(rng.choice([2, 4]))
+        ph, pw = h // t, w // t
+        tiles = [img[i * ph : (i + 1) * ph, j * pw : (j + 1) * pw] for i in range(t) for j in range(t)]
+        order = rng.permutation(len(tiles))
+        if (order == np.arange(len(tiles))).all():
+            order = order[::-1]
+        rows = [np.concatenate([tiles[order[i * t + j]] for j in range(t)], axis=1) for i in range(t)]
+        out = np.concatenate(rows, axis=0)
+    elif kind == "half_face":
+        out = f.copy()
+        if rng.random() < 0.5:
+            out[:, w // 2 :] = other[:, w // 2 :] if rng.random() < 0.5 else rng.integers(0, 256, 3)
+        else:
+            out[h // 2 :] = other[h // 2 :] if rng.random() < 0.5 else rng.integers(0, 256, 3)
+    elif kind == "flip_vertical":
+        out = img[::-1]
+    elif kind == "blank_region":
+        out = f.copy()
+        bh, bw = int(h * (0.35 + 0.25 * rng.random())), int(w * (0.35 + 0.25 * rng.random()))
+        y, x = int(rng.integers(h // 6, h - bh)), int(rng.integers(w // 8, w - bw))
+        out[y : y + bh, x : x + bw] = rng.integers(0, 256, 3)
+    elif kind == "blend":
+        a = 0.35 + 0.3 * rng.random()
+        out = a * f + (1 - a) * other.astype(np.float32)
+    else:
+        raise ValueError(f"unknown negative kind {kind!r}; allowed: {', '.join(NEGATIVE_KINDS)}")
+    return np.clip(np.asarray(out, dtype=np.float32), 0, 255).round().astype(np.uint8)
+
+
+def realism_set(
+    n: int, num_people: int, split: Split, seed: int = 0, size: int = 64, workers: int = 2
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, label 1 real / 0 negative, kind index or -1): half clean renders, half negatives."""
+    base = au_set(n, num_people, split, seed + 100, size=size, workers=workers)
+    rng = np.random.default_rng([_SPLIT_STREAM[split], seed, 2])
+    labels = np.ones(n, dtype=np.int64)
+    kinds = np.full(n, -1, dtype=np.int64)
+    images = base.images.copy()
+    neg = rng.permutation(n)[: n // 2]
+    for i in neg:
+        k = int(rng.integers(len(NEGATIVE_KINDS)))
+        other = base.images[int(rng.integers(n))]
+        images[i] = degrade(base.images[i], other, NEGATIVE_KINDS[k], rng)
+        labels[i] = 0
+        kinds[i] = k
+    return images, labels, kinds

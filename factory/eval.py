@@ -1,0 +1,202 @@
+"""`factory eval OUT`: label fidelity of a built corpus, measured by independent detectors.
+
+For every committed sample it re-reads the image from the tar and runs the detector panel
+(the build's own detectors by default, or others given on the command line), then reports:
+
+- consensus vs prompt targets: how well the images show the AU vector the prompt was built from;
+- consensus vs generated labels: how well the generator's own labels describe its images;
+  each as F1 per AU (occurrence, intensity >= threshold vs consensus vote), and for intensities
+  ICC(3,1) and MAE per AU (FACS.md defines them; F1, ICC and MAE are symmetric in the two raters);
+- the detectors' agreement rate per AU (how much of the consensus is backed by k of N);
+- the realism score distribution;
+- identity similarity: cosine between the identity encoder's embedding of each image and of its
+  exemplar (the identity rendered with a neutral face), and the share above the encoder's
+  verification threshold.
+
+Only committed shards are read, so it works while a build is still running. The corpus holds the
+samples that passed the filters, so on the factory's own detectors these numbers are an upper
+bound of the generator's raw fidelity; the stats' rejection counts say how much was filtered.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines.facs import AUS, NUM_AUS
+
+from .manifest import open_build
+
+log = logging.getLogger(__name__)
+
+
+def _read_shard(layout: Any, name: str) -> tuple[list[str], np.ndarray, Any]:
+    with layout.fs.open(layout.parquet(name), "rb") as f:
+        table = pq.read_table(f, use_threads=False)
+    images: dict[str, np.ndarray] = {}
+    with layout.fs.open(layout.tar(name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for m in tf:
+            key, _, ext = m.name.partition(".")
+            if ext in ("png", "jpg"):
+                images[key] = np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())).convert("RGB"))
+    keys = table.column("key").to_pylist()
+    missing = [k for k in keys if k not in images]
+    if missing:
+        raise ValueError(f"shard {name}: {len(missing)} parquet rows have no image in the tar; run `factory verify`")
+    return keys, np.stack([images[k] for k in keys]), table
+
+
+def evaluate(
+    out: str,
+    au_detectors: list[str] | None = None,
+    min_agree: int | None = None,
+    realism: str | None = None,
+    identity_encoder: str | None = None,
+    max_samples: int | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Measure the corpus in OUT; see the module docstring for what each number means."""
+    from detectors.identity import OnnxIdentityEncoder, cosine
+    from detectors.metrics import au_report
+    from detectors.panel import DetectorPanel
+    from pipelines.puppet import PuppetIdentity, PuppetRenderer
+
+    b = open_build(out)
+    cfg = b.cfg
+    thr = cfg.labels.occurrence_threshold
+    det_refs = au_detectors or list(cfg.detect.au_detectors)
+    k = min_agree or min(cfg.detect.min_agree, len(det_refs))
+    real_ref = realism if realism is not None else cfg.detect.realism
+    panel = DetectorPanel(det_refs, k, realism=real_ref, occurrence_threshold=thr, batch_size=batch_size)
+    enc = OnnxIdentityEncoder(str(_resolve(identity_encoder or cfg.detect.identity_encoder)))
+    renderer = PuppetRenderer(size=cfg.puppet.image_size, supersample=cfg.puppet.supersample)
+    neutral = np.zeros(NUM_AUS)
+
+    target, gen_int, gen_occ, c_occ, c_int, agree, real, id_sim = [], [], [], [], [], [], [], []
+    n = 0
+    for name in sorted(b.state.committed):
+        if max_samples is not None and n >= max_samples:
+            break
+        keys, images, table = _read_shard(b.layout, name)
+        if max_samples is not None:
+            keep = max_samples - n
+            keys, images, table = keys[:keep], images[:keep], table.slice(0, keep)
+        n += len(keys)
+        det = panel.detect(images)
+        target.append(np.array(table.column("target_intensity").to_pylist(), dtype=np.float32))
+        gen_int.append(np.array(table.column("intensity").to_pylist(), dtype=np.float32))
+        gen_occ.append(np.array(table.column("occurrence").to_pylist(), dtype=bool))
+        c_occ.append(det.consensus.occurrence)
+        c_int.append(det.consensus.intensity)
+        agree.append(det.consensus.agree)
+        if det.realism is not None:
+            real.append(det.realism)
+        people = [PuppetIdentity.model_validate_json(s) for s in table.column("identity").to_pylist()]
+        exemplars = renderer.render_batch(people, np.tile(neutral, (len(people), 1)))
+        id_sim.append(cosine(enc.embed(images), enc.embed(exemplars)))
+    if n == 0:
+        raise FileNotFoundError(f"{out} has no committed shards yet: nothing to evaluate")
+
+    tgt, gi, go = np.concatenate(target), np.concatenate(gen_int), np.concatenate(gen_occ)
+    co, ci, ag = np.concatenate(c_occ), np.concatenate(c_int), np.concatenate(agree)
+    sim = np.concatenate(id_sim)
+    # F1/ICC/MAE with the consensus as reference rater (as occurrence 0/5 scale it uses `thr`).
+    consensus_int = np.where(np.isnan(ci), np.where(co, float(thr), 0.0), ci)
+    prompt_rep = au_report(consensus_int, (tgt >= thr).astype(np.float32), tgt, thr, reference_occurrence=co)
+    gen_rep = au_report(consensus_int, go.astype(np.float32), gi, thr, reference_occurrence=co)
+    rep: dict[str, Any] = {
+        "out": out,
+        "build_id": b.record["build_id"],
+        "samples": int(n),
+        "detectors": panel.describe(),
+        "occurrence_threshold": thr,
+        "consensus_vs_prompt_targets": prompt_rep,
+        "consensus_vs_generated_labels": gen_rep,
+        "consensus_agreement": {
+            "per_au": {f"AU{a}": round(float(ag[:, i].mean()), 4) for i, a in enumerate(AUS)},
+            "mean": round(float(ag.mean()), 4),
+        },
+        "identity_similarity": {
+            "encoder": enc.describe(),
+            "exemplar": "the sample's identity rendered by the puppet renderer with all AUs at 0",
+            "mean": round(float(sim.mean()), 4),
+            "quantiles": _quantiles(sim),
+            "threshold": enc.verify_threshold,
+            "verified": None if enc.verify_threshold is None else round(float((sim >= enc.verify_threshold).mean()), 4),
+        },
+    }
+    if real:
+        r = np.concatenate(real)
+        hist, edges = np.histogram(r, bins=10, range=(0.0, 1.0))
+        rep["realism"] = {
+            "mean": round(float(r.mean()), 4),
+            "quantiles": _quantiles(r),
+            "threshold": cfg.checks.realism,
+            "accepted": round(float((r >= cfg.checks.realism).mean()), 4),
+            "histogram": {"edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
+        }
+    rejected: dict[str, int] = {}
+    candidates = 0
+    for stats in b.state.committed.values():
+        candidates += int(stats.get("candidates", 0))
+        for reason, c in stats.get("rejected", {}).items():
+            rejected[reason] = rejected.get(reason, 0) + int(c)
+    rep["build_filters"] = {"candidates": candidates, "rejected": rejected}
+    return rep
+
+
+def _resolve(ref: str) -> Any:
+    from detectors.builtin import resolve
+
+    return resolve(ref)
+
+
+def _quantiles(x: np.ndarray) -> dict[str, float]:
+    qs = np.quantile(x, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {k: round(float(v), 4) for k, v in zip(("p05", "p25", "p50", "p75", "p95"), qs)}
+
+
+def print_eval(rep: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]{rep['out']}[/bold]: {rep['samples']} samples of build {rep['build_id']}")
+    t = Table(title="label fidelity against detector consensus (per AU)")
+    for col in ("AU", "agree", "F1 prompt", "F1 labels", "ICC labels", "MAE labels"):
+        t.add_column(col, justify="right")
+    p, g, a = rep["consensus_vs_prompt_targets"], rep["consensus_vs_generated_labels"], rep["consensus_agreement"]
+    for au in (f"AU{x}" for x in AUS):
+        t.add_row(
+            au,
+            f"{a['per_au'][au]:.3f}",
+            f"{p['f1'][au]:.3f}",
+            f"{g['f1'][au]:.3f}",
+            _fmt(g.get("icc", {}).get(au)),
+            _fmt(g.get("mae", {}).get(au)),
+        )
+    t.add_row(
+        "mean",
+        f"{a['mean']:.3f}",
+        f"{p['f1_mean']:.3f}",
+        f"{g['f1_mean']:.3f}",
+        _fmt(g.get("icc_mean")),
+        _fmt(g.get("mae_mean")),
+        style="bold",
+    )
+    con.print(t)
+    ids = rep["identity_similarity"]
+    con.print(f"identity similarity to exemplars: mean {ids['mean']:.3f}, verified {ids['verified']}")
+    if "realism" in rep:
+        r = rep["realism"]
+        con.print(f"realism: mean {r['mean']:.3f}, accepted {r['accepted']:.3f} at threshold {r['threshold']}")
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
