@@ -69,7 +69,9 @@ def main() -> None:
     log.info("%-10s %12s %12s %10s %12s", "model", "ORT img/s", "torch img/s", "ORT/torch", "max|diff|")
     for name in BUILTIN_MODELS:
         loaded = load_spec(resolve(f"builtin:{name}"))
-        ort_model = ORT_CLASSES[loaded.spec.task](loaded, threads=args.threads, provider_list=["CPUExecutionProvider"])
+        ort_model = ORT_CLASSES[loaded.spec.task](
+            loaded, threads=args.threads, provider_list=["CPUExecutionProvider"], batch_size=args.batch
+        )
         net = TORCH_CLASSES[loaded.spec.task].from_pretrained(loaded.torch_path).eval()
         if loaded.spec.task == "realism":
             net = _RealismExport(net).eval()  # the exported graph ends in a sigmoid

@@ -41,8 +41,9 @@ class OnnxAUDetector(OnnxModel):
         threads: int = 0,
         provider_list: list[str] | None = None,
         occurrence_threshold: int = DEFAULT_OCCURRENCE_THRESHOLD,
+        batch_size: int = 64,
     ):
-        super().__init__(spec, threads=threads, provider_list=provider_list)
+        super().__init__(spec, threads=threads, provider_list=provider_list, batch_size=batch_size)
         aus = self.spec.aus or []
         #: (column in the model output, position in the 12-vector) for the AUs the factory labels
         self.columns = np.array([c for c, au in enumerate(aus) if au in AUS], dtype=np.int64)

@@ -43,7 +43,7 @@ def consensus(outputs: list[AUOutput], k: int) -> Consensus:
         raise ValueError(f"detector outputs cover different batch sizes: {[len(o) for o in outputs]}")
     occ = np.stack([o.occurrence for o in outputs])  # (N, B, 12), NaN = not covered
     covered = ~np.isnan(occ)
-    on = np.nansum(np.where(covered, occ, 0.0), axis=0)
+    on = np.where(covered, occ, 0.0).sum(axis=0)
     n = covered.sum(axis=0)
     off = n - on
     decision = on > off

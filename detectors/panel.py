@@ -63,15 +63,16 @@ class DetectorPanel:
         if min_agree > len(au_detectors):
             raise SpecError(f"min_agree={min_agree} exceeds the {len(au_detectors)} configured AU detectors")
         self.detectors = [
-            OnnxAUDetector(str(resolve(r)), threads=threads, occurrence_threshold=occurrence_threshold)
+            OnnxAUDetector(
+                str(resolve(r)), threads=threads, occurrence_threshold=occurrence_threshold, batch_size=batch_size
+            )
             for r in au_detectors
         ]
         names = [d.name for d in self.detectors]
         if len(set(names)) != len(names):
             raise SpecError(f"two AU detectors share a name ({names}); give each spec its own `name:`")
         self.k = min_agree
-        self.realism = OnnxRealism(str(resolve(realism)), threads=threads) if realism else None
-        self.batch_size = batch_size
+        self.realism = OnnxRealism(str(resolve(realism)), threads=threads, batch_size=batch_size) if realism else None
         cov = np.sum([d.covers for d in self.detectors], axis=0)
         never = [i for i, c in enumerate(cov) if c < min_agree]
         if never:
@@ -86,23 +87,6 @@ class DetectorPanel:
             log_providers(m)
 
     def detect(self, images: np.ndarray) -> Detection:
-        parts = [self._detect(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
-        if len(parts) == 1:
-            return parts[0]
-        outputs = [
-            AUOutput(
-                name=o.name,
-                probability=np.concatenate([p.outputs[k].probability for p in parts]),
-                intensity=np.concatenate([p.outputs[k].intensity for p in parts]),
-                occurrence=np.concatenate([p.outputs[k].occurrence for p in parts]),
-                covers=o.covers,
-            )
-            for k, o in enumerate(parts[0].outputs)
-        ]
-        real = np.concatenate([p.realism for p in parts]) if self.realism else None
-        return Detection(outputs=outputs, consensus=consensus(outputs, self.k), realism=real)
-
-    def _detect(self, images: np.ndarray) -> Detection:
         outputs = [d.predict(images) for d in self.detectors]
         real = self.realism.score(images) if self.realism else None
         return Detection(outputs=outputs, consensus=consensus(outputs, self.k), realism=real)

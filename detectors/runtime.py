@@ -38,9 +38,18 @@ class OnnxModel:
 
     task: Task
 
-    def __init__(self, spec: LoadedSpec | str, threads: int = 0, provider_list: list[str] | None = None):
+    def __init__(
+        self,
+        spec: LoadedSpec | str,
+        threads: int = 0,
+        provider_list: list[str] | None = None,
+        batch_size: int = 64,
+    ):
         import onnxruntime as ort
 
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
         self.loaded = spec if isinstance(spec, LoadedSpec) else load_spec(spec, self.task)
         if self.loaded.spec.task != self.task:
             raise SpecError(
@@ -152,10 +161,17 @@ class OnnxModel:
         return np.ascontiguousarray(x.numpy(), dtype=np.float32)
 
     def run(self, images: np.ndarray) -> list[np.ndarray]:
-        """Raw outputs (one array per spec output, shape (B, width)) with NaN/inf and shape checks."""
-        b = len(images)
-        if b == 0:
+        """Raw outputs (one array per spec output, shape (B, width)) with NaN/inf and shape checks.
+
+        Any number of images: the session sees them `batch_size` at a time.
+        """
+        if len(images) == 0:
             return [np.zeros((0, w or 0), np.float32) for w in self.output_widths]
+        parts = [self._run_batch(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        return [np.concatenate(cols) for cols in zip(*parts)] if len(parts) > 1 else parts[0]
+
+    def _run_batch(self, images: np.ndarray) -> list[np.ndarray]:
+        b = len(images)
         outs = self.session.run(self.output_names, {self.input_name: self.preprocess(images)})
         arrays = []
         for name, arr in zip(self.output_names, outs):

@@ -225,11 +225,8 @@ def evaluate_au(spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> 
     held = data.au_set(
         recipe.heldout_samples, recipe.heldout_people, "heldout", recipe.seed, recipe.image_size, recipe.workers
     )
-    det = OnnxAUDetector(str(spec_path))
-    outs = [det.predict(held.images[i : i + 256]) for i in range(0, len(held.images), 256)]
-    prob = np.concatenate([o.probability for o in outs])
-    inten = np.concatenate([o.intensity for o in outs])
-    rep = au_report(held.intensity, prob, inten, DEFAULT_OCCURRENCE_THRESHOLD)
+    out = OnnxAUDetector(str(spec_path), batch_size=256).predict(held.images)
+    rep = au_report(held.intensity, out.probability, out.intensity, DEFAULT_OCCURRENCE_THRESHOLD)
     return {"heldout": {"samples": len(held.images), "people": recipe.heldout_people, "split": "heldout"} | rep}
 
 
@@ -281,8 +278,8 @@ def evaluate_realism(spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE
     images, labels, kinds = data.realism_set(
         recipe.heldout_samples, recipe.heldout_people, "heldout", recipe.seed, recipe.image_size, recipe.workers
     )
-    model = OnnxRealism(str(spec_path))
-    scores = np.concatenate([model.score(images[i : i + 256]) for i in range(0, len(images), 256)])
+    model = OnnxRealism(str(spec_path), batch_size=256)
+    scores = model.score(images)
     thr = model.default_threshold
     per_kind = {}
     for k, name in enumerate(data.NEGATIVE_KINDS):
@@ -398,8 +395,8 @@ def evaluate_identity(spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIP
     held = data.au_set(
         recipe.heldout_samples, recipe.heldout_people, "heldout", recipe.seed + 7, recipe.image_size, recipe.workers
     )
-    enc = OnnxIdentityEncoder(str(spec_path))
-    emb = np.concatenate([enc.embed(held.images[i : i + 256]) for i in range(0, len(held.images), 256)])
+    enc = OnnxIdentityEncoder(str(spec_path), batch_size=256)
+    emb = enc.embed(held.images)
     sims, labels = _pairs(emb, held.identity, recipe.seed + 1)
     thr = float(enc.verify_threshold if enc.verify_threshold is not None else 0.5)
     return {
@@ -440,7 +437,6 @@ def train_one(name: str, out_root: str | Path, recipe: TrainRecipe) -> dict[str,
     if name not in DEFAULT_MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(DEFAULT_MODELS)}, all")
     kind, arch, _ = DEFAULT_MODELS[name]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out_root) / name
     if kind == "au":
         return train_au(str(arch), out, recipe)

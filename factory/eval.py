@@ -62,6 +62,7 @@ def evaluate(
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Measure the corpus in OUT; see the module docstring for what each number means."""
+    from detectors.builtin import resolve
     from detectors.identity import OnnxIdentityEncoder, cosine
     from detectors.metrics import au_report
     from detectors.panel import DetectorPanel
@@ -74,7 +75,7 @@ def evaluate(
     k = min_agree or min(cfg.detect.min_agree, len(det_refs))
     real_ref = realism if realism is not None else cfg.detect.realism
     panel = DetectorPanel(det_refs, k, realism=real_ref, occurrence_threshold=thr, batch_size=batch_size)
-    enc = OnnxIdentityEncoder(str(_resolve(identity_encoder or cfg.detect.identity_encoder)))
+    enc = OnnxIdentityEncoder(str(resolve(identity_encoder or cfg.detect.identity_encoder)), batch_size=batch_size)
     renderer = PuppetRenderer(size=cfg.puppet.image_size, supersample=cfg.puppet.supersample)
     neutral = np.zeros(NUM_AUS)
 
@@ -149,12 +150,6 @@ def evaluate(
             rejected[reason] = rejected.get(reason, 0) + int(c)
     rep["build_filters"] = {"candidates": candidates, "rejected": rejected}
     return rep
-
-
-def _resolve(ref: str) -> Any:
-    from detectors.builtin import resolve
-
-    return resolve(ref)
 
 
 def _quantiles(x: np.ndarray) -> dict[str, float]:

@@ -67,7 +67,7 @@ def _u(key: str, kind: str) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def inject_samples(batch: Any, result: Any, threshold: int) -> dict[str, list[str]]:
+def inject_samples(batch: Any, result: Any) -> dict[str, list[str]]:
     """Spoil samples of `result` in place as MIFA_INJECT asks; returns {kind: keys spoiled}."""
     spec = os.environ.get(INJECT_ENV)
     if not spec:
@@ -85,10 +85,10 @@ def inject_samples(batch: Any, result: Any, threshold: int) -> dict[str, list[st
         for j, key in enumerate(batch.keys):
             if j in taken or rate <= 0 or _u(key, kind) >= rate:
                 continue
-            rng = np.random.default_rng(int(_u(key, "seed") * 2**32))
             if kind == "blank":
                 result.images[j] = 128
             elif kind == "noise":
+                rng = np.random.default_rng(int(_u(key, "seed") * 2**32))
                 result.images[j] = rng.integers(0, 256, result.images[j].shape, dtype=np.uint8)
             else:
                 overlaps = [(jaccard(occ[j], occ[m]), m) for m in range(len(batch.keys)) if m != j]

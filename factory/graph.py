@@ -76,6 +76,7 @@ def versions() -> dict[str, str]:
 def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tuple[Layout, dict[str, Any]]:
     """Create OUT or check that it holds this very build; returns its build.json."""
     layout = Layout(out)
+    models = _model_hashes(cfg)  # a missing model file fails here, before OUT is touched
     layout.makedirs()
     build_id = cfg.identity_hash()
     if layout.fs.exists(layout.build_json):
@@ -86,16 +87,15 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
             raise ConfigError(
                 f"{layout.build_json} is unreadable ({err}); move OUT aside or pass --new-build to start over"
             ) from None
-        if old.get("build_id") == build_id and old_identity == cfg.identity_dict():
-            models = _model_hashes(cfg)
-            if old.get("models", {}) != models and not new_build:
-                raise BuildConfigMismatch(
-                    f"{out} holds build {build_id} made with other detector model files "
-                    f"(build.json: {old.get('models')}; now: {models}); refusing to mix corpora filtered by "
-                    "different models. Restore those files, or pass --new-build to start over"
-                )
-            if old.get("models", {}) == models:
-                return layout, old
+        same_config = old.get("build_id") == build_id and old_identity == cfg.identity_dict()
+        if same_config and old.get("models", {}) == models:
+            return layout, old
+        if same_config and not new_build:
+            raise BuildConfigMismatch(
+                f"{out} holds build {build_id} made with other detector model files "
+                f"(build.json: {old.get('models')}; now: {models}); refusing to mix corpora filtered by "
+                "different models. Restore those files, or pass --new-build to start over"
+            )
         if not new_build:
             raise BuildConfigMismatch(
                 f"{out} holds build {old.get('build_id')} made with another config; refusing to mix corpora. "
@@ -114,7 +114,7 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "identity": cfg.identity_dict(),
         "config": cfg.model_dump(mode="json"),
-        "models": _model_hashes(cfg),
+        "models": models,
         "plan": {"target": plan.target, "shard_size": plan.shard_size, "num_shards": plan.num_shards},
         "versions": versions(),
     }

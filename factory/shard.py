@@ -119,7 +119,7 @@ def run_shard(
                     identities=[cands[i].identity for i in todo],
                 )
                 result = generate(batch)
-                for kind, keys in faults.inject_samples(batch, result, thr).items():
+                for kind, keys in faults.inject_samples(batch, result).items():
                     injected_keys.setdefault(kind, []).extend(keys)
                 timings["generate"] += time.perf_counter() - t
 
