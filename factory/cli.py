@@ -1,4 +1,4 @@
-"""The `factory` command: build, resume, verify, report, eval, detectors train.
+"""The `factory` command: build, resume, verify, report, eval, train, data extract-disfa, detectors train.
 
 Heavy imports (ray, torch) happen inside the commands that need them, so `--help`, `--dry-run`
 and `report` stay fast and small.
@@ -192,6 +192,50 @@ def eval_(
         typer.echo(json.dumps(rep, indent=1, default=float))
     else:
         print_eval(rep)
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="training config YAML (see configs/)")] = None,
+    overrides: SetOpt = None,
+    out: Annotated[Optional[str], typer.Option(help="run folder (overrides the config's `out`)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train MAUGen: every loss term and adaptive weight logged, checkpoints, resume from OUT."""
+    _setup_logging(verbose)
+    from pipelines.maugen.train import Trainer, load_train_config
+
+    sets = list(overrides or []) + ([f"out={out}"] if out else [])
+    try:
+        cfg = load_train_config(config, sets)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(f"train: {err}")
+    final = Trainer(cfg).fit()
+    typer.echo(f"trained MAUGen saved to {final}", err=True)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Real AU datasets for MAUGen training: preparation.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("extract-disfa")
+def data_extract_disfa(
+    root: Annotated[str, typer.Argument(help="DISFA root (ActionUnit_Labels/, Videos_LeftCamera/ ...)")],
+    camera: Annotated[str, typer.Option(help="left or right")] = "left",
+    every: Annotated[int, typer.Option(help="keep every n-th frame (frame numbers are kept)")] = 1,
+    size: Annotated[Optional[int], typer.Option(help="centre-crop to a square and resize (default: full frames)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="re-extract subjects that already have frames")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Decode DISFA's videos with ffmpeg into ROOT/Frames_<Camera>Camera/SNxxx/NNNNNN.jpg."""
+    _setup_logging(verbose)
+    from pipelines.maugen.data import extract_frames
+
+    try:
+        counts = extract_frames(root, camera=camera, every=every, size=size, overwrite=overwrite)  # type: ignore[arg-type]
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(f"data extract-disfa: {err}")
+    typer.echo(json.dumps(counts, indent=1))
 
 
 detectors_app = typer.Typer(no_args_is_help=True, help="The tiny puppet-domain detectors: train, evaluate.")

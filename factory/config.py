@@ -102,6 +102,20 @@ class PuppetConfig(_Section):
     supersample: int = Field(4, ge=1, le=8)
 
 
+class MAUGenGeneratorConfig(_Section):
+    """The MAUGen generator (generator=maugen): a saved MAUGenPipeline and how to sample it."""
+
+    checkpoint: str | None = Field(
+        None, description="directory of a saved MAUGenPipeline (`factory train` writes OUT/final)"
+    )
+    steps: int = Field(25, ge=1, le=1000, description="denoising steps")
+    guidance_scale: float = Field(3.0, ge=1.0, description="classifier-free guidance (1 = off)")
+    scheduler: Literal["ddim", "dpm"] = "ddim"
+    batch_size: int = Field(16, ge=1, description="images per pipeline call inside the actor")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="fp16/bf16 on GPU only")
+
+
 class ChecksConfig(_Section):
     """Thresholds of the named check stages; each rejection is counted under the stage's name.
 
@@ -172,14 +186,20 @@ class FactoryConfig(_Section):
     labels: LabelsConfig = LabelsConfig()
     plan: PlanConfig = PlanConfig()
     expand: ExpandConfig = ExpandConfig()
-    generator: Literal["puppet"] = "puppet"
+    generator: Literal["puppet", "maugen"] = "puppet"
     puppet: PuppetConfig = PuppetConfig()
+    maugen: MAUGenGeneratorConfig = MAUGenGeneratorConfig()
     detect: DetectConfig = DetectConfig()
     checks: ChecksConfig = ChecksConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _shards(self) -> FactoryConfig:
+        if self.generator == "maugen" and not self.maugen.checkpoint:
+            raise ValueError(
+                "generator=maugen needs maugen.checkpoint: a saved MAUGenPipeline directory "
+                "(`factory train` writes OUT/final), e.g. --set maugen.checkpoint=runs/maugen/final"
+            )
         if self.build.shard_size > 1_000_000:
             raise ValueError("build.shard_size above 1000000 would not fit a shard task's memory budget")
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -68,7 +69,82 @@ class PuppetGenerator:
         return GenerationResult(images=images, intensity=intensity, occurrence_prob=occ)
 
 
-GENERATORS: dict[str, type] = {"puppet": PuppetGenerator}
+class MAUGenGenerator:
+    """MAUGen as the generate stage: prompt + the identity's neutral exemplar -> image and labels.
+
+    The exemplar is the identity rendered with no AU active and the inpainting mask its face
+    region, so the puppet plan's identities drive MAUGen as they drive the renderer. Each sample
+    draws its noise from its own generator seeded by the sample's seed, so an image does not
+    depend on which batch it landed in (resume produces the same bytes).
+    """
+
+    name = "maugen"
+
+    def __init__(self, cfg: FactoryConfig):
+        import torch
+
+        from pipelines.maugen import MAUGenPipeline
+        from pipelines.maugen.build import SCHEDULERS
+
+        m = cfg.maugen
+        path = Path(m.checkpoint).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"maugen.checkpoint {path} is not a saved MAUGenPipeline (no model_index.json); "
+                "train one with `factory train --config ...` and point maugen.checkpoint at OUT/final"
+            )
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
+        dtype = getattr(torch, m.dtype)
+        if device == "cpu" and dtype != torch.float32:
+            raise ValueError(f"maugen.dtype={m.dtype} needs a GPU; use float32 on the CPU")
+        try:
+            pipe = MAUGenPipeline.from_pretrained(path, torch_dtype=dtype)
+        except Exception as e:
+            raise ValueError(
+                f"maugen.checkpoint {path} could not be loaded ({type(e).__name__}: {e}); re-save it"
+            ) from e
+        pipe.scheduler = SCHEDULERS[m.scheduler].from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device)
+        self.device = device
+        self.cfg = m
+        self.size = cfg.puppet.image_size
+        self.renderer = PuppetRenderer(size=self.size, supersample=cfg.puppet.supersample)
+        self.version = _dir_hash(path)
+
+    def generate(self, batch: GenerationBatch) -> GenerationResult:
+        import torch
+
+        b = len(batch)
+        zeros = np.zeros((b, NUM_AUS), dtype=np.float32)
+        exemplars = self.renderer.render_batch(batch.identities, zeros)
+        masks = np.stack([self.renderer.face_mask(p) for p in batch.identities]).astype(np.float32)
+        images, occ, inten = [], [], []
+        step = self.cfg.batch_size
+        for a in range(0, b, step):
+            sl = slice(a, min(b, a + step))
+            gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in batch.seeds[sl]]
+            out = self.pipe(
+                list(batch.prompts[sl]),
+                exemplars[sl],
+                num_inference_steps=self.cfg.steps,
+                guidance_scale=self.cfg.guidance_scale,
+                generator=gens,
+                mask_image=masks[sl],
+                height=self.size,
+                width=self.size,
+            )
+            images.append(out.images)
+            occ.append(out.au_occurrence)
+            inten.append(out.au_intensity)
+        return GenerationResult(
+            images=np.concatenate(images),
+            intensity=np.concatenate(inten).astype(np.float32),
+            occurrence_prob=np.concatenate(occ).astype(np.float32),
+        )
+
+
+GENERATORS: dict[str, type] = {"puppet": PuppetGenerator, "maugen": MAUGenGenerator}
 
 
 def make_generator(cfg: FactoryConfig) -> Generator:
@@ -103,6 +179,17 @@ def validate_result(result: GenerationResult, batch: GenerationBatch, size: int)
     flat = images.reshape(b, -1).astype(np.float32)
     blank = np.nan_to_num(flat.std(axis=1), nan=0.0) < 1.0
     return finite & ~blank
+
+
+def _dir_hash(path: Path) -> str:
+    """Hash of a checkpoint directory's files (provenance of a trained generator)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
 
 
 def _module_hash(*modules: str) -> str:
