@@ -243,8 +243,8 @@ def test_au_detectors_on_unseen_identities(name, heldout):
     out = det.predict(heldout.images)
     rep = au_report(heldout.intensity, out.probability, out.intensity, 2)
     # A regression guard on 600 fresh renders; the full held-out numbers (3000 renders) are in each
-    # model's eval.json and the issue note (au-cnn and au-resnet reach the 0.90 target there).
-    assert rep["f1_mean"] >= 0.85, rep["f1"]
+    # model's eval.json and the issue note (all three reach the 0.90 target there).
+    assert rep["f1_mean"] >= 0.87, rep["f1"]
     assert rep["mae_mean"] <= 0.5, rep["mae"]
 
 
