@@ -11,7 +11,12 @@ For every committed sample it re-reads the image from the tar and runs the detec
 - the realism score distribution;
 - identity similarity: cosine between the identity encoder's embedding of each image and of its
   exemplar (the identity rendered with a neutral face), and the share above the encoder's
-  verification threshold.
+  verification threshold;
+- a Frechet distance between the corpus images and the puppet renders of the same (identity,
+  target AU vector) specs, over a named feature network (detectors/features.py).
+
+The report carries each number's definition (`definitions`), since FID-style numbers and F1
+conventions differ between papers.
 
 Only committed shards are read, so it works while a build is still running. The corpus holds the
 samples that passed the filters, so on the factory's own detectors these numbers are an upper
@@ -34,6 +39,23 @@ from pipelines.facs import AUS, NUM_AUS
 from .manifest import open_build
 
 log = logging.getLogger(__name__)
+
+DEFINITIONS: dict[str, str] = {
+    "consensus": "per AU, the majority vote of the AU detectors covering it; agreed when >= min_agree cast that vote",
+    "f1": "F1 per AU pooled over all samples, positive = occurrence; reference = detector consensus vote, "
+    "prediction = intensity >= occurrence_threshold (prompt targets) or the generator's occurrence label; "
+    "f1_mean = mean over the 12 AUs",
+    "icc": "ICC(3,1) per AU between consensus intensity (median of intensity-capable detectors; where none, "
+    "the vote as 0 / threshold) and the compared intensity: (BMS - EMS) / (BMS + EMS), 2 raters",
+    "mae": "mean |consensus intensity - compared intensity| per AU on the 0-5 scale",
+    "agreement": "share of samples whose AU reached k-of-N agreement",
+    "identity_similarity": "cosine between identity-encoder embeddings of the image and of its exemplar "
+    "(the identity rendered with a neutral face); verified = share >= the encoder's verification threshold",
+    "realism": "realism discriminator score in [0, 1]; accepted = share >= checks.realism",
+    "frechet_distance": "||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 sqrtm(S_g S_r)) between Gaussian fits of the "
+    "feature network's features of the corpus images (g) and of puppet renders of the same specs (r); "
+    "comparable only with the same feature network and sample count",
+}
 
 
 def _read_shard(layout: Any, name: str) -> tuple[list[str], np.ndarray, Any]:
@@ -60,11 +82,13 @@ def evaluate(
     identity_encoder: str | None = None,
     max_samples: int | None = None,
     batch_size: int = 256,
+    feature_network: str = "puppet-realism-gap",
 ) -> dict[str, Any]:
     """Measure the corpus in OUT; see the module docstring for what each number means."""
     from detectors.builtin import resolve
+    from detectors.features import FeatureNetwork
     from detectors.identity import OnnxIdentityEncoder, cosine
-    from detectors.metrics import au_report
+    from detectors.metrics import au_report, frechet_distance
     from detectors.panel import DetectorPanel
     from pipelines.puppet import PuppetIdentity, PuppetRenderer
 
@@ -78,6 +102,9 @@ def evaluate(
     enc = OnnxIdentityEncoder(str(resolve(identity_encoder or cfg.detect.identity_encoder)), batch_size=batch_size)
     renderer = PuppetRenderer(size=cfg.puppet.image_size, supersample=cfg.puppet.supersample)
     neutral = np.zeros(NUM_AUS)
+    features = FeatureNetwork(feature_network, batch_size=batch_size)
+    feats_gen: list[np.ndarray] = []
+    feats_ref: list[np.ndarray] = []
 
     target, gen_int, gen_occ, c_occ, c_int, agree, real, id_sim = [], [], [], [], [], [], [], []
     n = 0
@@ -101,6 +128,8 @@ def evaluate(
         people = [PuppetIdentity.model_validate_json(s) for s in table.column("identity").to_pylist()]
         exemplars = renderer.render_batch(people, np.tile(neutral, (len(people), 1)))
         id_sim.append(cosine(enc.embed(images), enc.embed(exemplars)))
+        feats_gen.append(features(images))
+        feats_ref.append(features(renderer.render_batch(people, target[-1])))
     if n == 0:
         raise FileNotFoundError(f"{out} has no committed shards yet: nothing to evaluate")
 
@@ -111,6 +140,7 @@ def evaluate(
     consensus_int = np.where(np.isnan(ci), np.where(co, float(thr), 0.0), ci)
     prompt_rep = au_report(consensus_int, (tgt >= thr).astype(np.float32), tgt, thr, reference_occurrence=co)
     gen_rep = au_report(consensus_int, go.astype(np.float32), gi, thr, reference_occurrence=co)
+    fg, fr = np.concatenate(feats_gen), np.concatenate(feats_ref)
     rep: dict[str, Any] = {
         "out": out,
         "build_id": b.record["build_id"],
@@ -131,6 +161,14 @@ def evaluate(
             "threshold": enc.verify_threshold,
             "verified": None if enc.verify_threshold is None else round(float((sim >= enc.verify_threshold).mean()), 4),
         },
+        "frechet_distance": {
+            "feature_network": features.name,
+            "reference": "puppet renders of each sample's identity and target AU vector",
+            "samples": len(fg),
+            # identical sets give 0 up to sqrtm rounding, which can leave -1e-12
+            "value": round(max(frechet_distance(fg, fr), 0.0), 6) if len(fg) >= 2 else None,
+        },
+        "definitions": DEFINITIONS,
     }
     if real:
         r = np.concatenate(real)
@@ -191,6 +229,12 @@ def print_eval(rep: dict[str, Any]) -> None:
     if "realism" in rep:
         r = rep["realism"]
         con.print(f"realism: mean {r['mean']:.3f}, accepted {r['accepted']:.3f} at threshold {r['threshold']}")
+    fd = rep["frechet_distance"]
+    con.print(
+        f"Frechet distance to puppet renders ({fd['feature_network']}, {fd['samples']} samples): {_fmt(fd['value'])}"
+    )
+    for key, text in rep["definitions"].items():
+        con.print(f"[dim]{key}: {text}[/dim]")
 
 
 def _fmt(x: Any) -> str:

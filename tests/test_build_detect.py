@@ -103,6 +103,11 @@ def test_verify_and_eval_on_a_detected_build(injected):
     assert rep["consensus_vs_prompt_targets"]["f1_mean"] >= 0.85
     assert rep["realism"]["accepted"] == 1.0
     assert rep["identity_similarity"]["verified"] >= 0.9
+    # the puppet generator renders the targets exactly: its images are the reference set
+    fd = rep["frechet_distance"]
+    assert fd["feature_network"] == "puppet-realism-gap" and fd["samples"] == 300
+    assert 0 <= fd["value"] < 1e-3
+    assert {"f1", "icc", "mae", "frechet_distance"} <= set(rep["definitions"])
     assert (injected / "eval.json").is_file()
 
 

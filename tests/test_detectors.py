@@ -306,3 +306,23 @@ def test_train_command_exports_a_loadable_model_with_its_eval(tmp_path):
     assert det.predict(_images(2)).intensity.shape == (2, NUM_AUS)
     p = factory("detectors", "train", "au-transformer", "--out", str(tmp_path))
     assert p.returncode == 2 and "unknown model 'au-transformer'" in p.stderr
+
+
+def test_feature_network_for_frechet_distances(heldout):
+    from detectors.features import FeatureNetwork
+    from detectors.metrics import frechet_distance
+
+    net = FeatureNetwork("puppet-realism-gap")
+    a = net(heldout.images[:200])
+    assert a.shape == (200, 128) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, net(heldout.images[:200]))
+    # renders vs the same renders degraded by noise are farther apart than two halves of the renders
+    rng = np.random.default_rng(0)
+    noisy = np.clip(heldout.images[200:400] + rng.normal(0, 40, heldout.images[200:400].shape), 0, 255).astype(np.uint8)
+    same = frechet_distance(a, net(heldout.images[200:400]))
+    far = frechet_distance(a, net(noisy))
+    assert far > 5 * same
+    with pytest.raises(ValueError, match="unknown feature network"):
+        FeatureNetwork("inception")
+    with pytest.raises(ValueError, match="expected uint8"):
+        net(heldout.images[:2].astype(np.float32))
