@@ -199,6 +199,9 @@ def train(
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="training config YAML (see configs/)")] = None,
     overrides: SetOpt = None,
     out: Annotated[Optional[str], typer.Option(help="run folder (overrides the config's `out`)")] = None,
+    ablation: Annotated[
+        Optional[str], typer.Option(help="a Table 3 row: no-cld, no-idm, no-mutual-conditioning, ... (out gets -NAME)")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train MAUGen: every loss term and adaptive weight logged, checkpoints, resume from OUT."""
@@ -207,7 +210,7 @@ def train(
 
     sets = list(overrides or []) + ([f"out={out}"] if out else [])
     try:
-        cfg = load_train_config(config, sets)
+        cfg = load_train_config(config, sets, ablation=ablation)
     except (ValueError, FileNotFoundError) as err:
         _fail(f"train: {err}")
     final = Trainer(cfg).fit()
@@ -223,7 +226,9 @@ def data_extract_disfa(
     root: Annotated[str, typer.Argument(help="DISFA root (ActionUnit_Labels/, Videos_LeftCamera/ ...)")],
     camera: Annotated[str, typer.Option(help="left or right")] = "left",
     every: Annotated[int, typer.Option(help="keep every n-th frame (frame numbers are kept)")] = 1,
-    size: Annotated[Optional[int], typer.Option(help="centre-crop to a square and resize (default: full frames)")] = None,
+    size: Annotated[
+        Optional[int], typer.Option(help="centre-crop to a square and resize (default: full frames)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="re-extract subjects that already have frames")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:

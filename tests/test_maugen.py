@@ -379,6 +379,30 @@ def test_train_logs_every_term_checkpoints_and_resumes(tmp_path):
     assert MAUGenPipeline.from_pretrained(final).label_decoder.config.label_layers == [0, 1]
 
 
+def test_table3_ablations_are_named_config_overrides(tmp_path):
+    from pipelines.maugen.train import ABLATIONS, load_train_config
+
+    cfg_file = tmp_path / "t.yaml"
+    cfg_file.write_text("out: runs/x\nsteps: 7\n")
+    full = load_train_config(cfg_file, ablation="full")
+    assert full.out == "runs/x" and full.model.use_idm and full.losses.image_label
+    rows = {name: load_train_config(cfg_file, ablation=name) for name in ABLATIONS}
+    assert rows["no-idm"].out == "runs/x-no-idm" and not rows["no-idm"].model.use_idm
+    assert rows["no-cld"].model.label_branch == "pooled"
+    assert not rows["no-mutual-conditioning"].model.mutual_conditioning
+    assert not rows["no-language-init"].model.language_init
+    assert not rows["no-image-label-loss"].losses.image_label
+    # each row differs from the full model in its own switch only (and the run folder)
+    for name, row in rows.items():
+        diff = {k for k, v in row.model.model_dump().items() if full.model.model_dump()[k] != v}
+        diff |= {k for k, v in row.losses.model_dump().items() if full.losses.model_dump()[k] != v}
+        assert len(diff) == (0 if name == "full" else 1), (name, diff)
+        assert row.steps == 7
+    assert load_train_config(cfg_file, ["out=elsewhere"], ablation="no-lgfe").out == "elsewhere"
+    with pytest.raises(ValueError, match="unknown ablation"):
+        load_train_config(cfg_file, ablation="no-unet")
+
+
 def test_train_config_errors_name_the_key(tmp_path):
     from pipelines.maugen.train import load_train_config
 

@@ -42,6 +42,19 @@ log = logging.getLogger(__name__)
 
 LOSS_NAMES: tuple[str, ...] = ("denoise", "text_au", "image_label", "identity", "clip")
 
+#: The paper's Table 3 rows as config overrides (`factory train --ablation NAME`); "full" is the model.
+ABLATIONS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "no-cld": ("model.label_branch=pooled",),
+    "no-idm": ("model.use_idm=false",),
+    "no-modulation-mask": ("model.use_modulation_mask=false",),
+    "no-residual-filter": ("model.use_residual_filter=false",),
+    "no-mutual-conditioning": ("model.mutual_conditioning=false",),
+    "no-language-init": ("model.language_init=false",),
+    "no-lgfe": ("model.use_lgfe=false",),
+    "no-image-label-loss": ("losses.image_label=false",),
+}
+
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -113,9 +126,16 @@ class TrainConfig(BaseModel):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) + `key.sub=value` overrides -> TrainConfig; errors name the key and the file."""
+def load_train_config(
+    path: str | Path | None, overrides: list[str] | None = None, ablation: str | None = None
+) -> TrainConfig:
+    """YAML file (optional) + a Table 3 ablation + `key.sub=value` overrides -> TrainConfig.
+
+    An ablation run writes to `<out>-<ablation>` unless `out` is overridden; errors name the key and the file.
+    """
     raw: dict = {}
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; the Table 3 rows are: {', '.join(ABLATIONS)}")
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -126,6 +146,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
             raise ValueError(f"training config {p} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"training config {p} must be a mapping at the top level")
+    if ablation is not None:
+        overrides = [*ABLATIONS[ablation], *(overrides or [])]
+        if ablation != "full" and not any(o.startswith("out=") for o in overrides):
+            overrides.append(f"out={raw.get('out', TrainConfig().out)}-{ablation}")
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value, e.g. --set steps=100")
