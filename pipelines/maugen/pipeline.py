@@ -12,6 +12,10 @@ local directory like any diffusers pipeline:
     label_decoder    ConditionalLabelDecoder: the DIG's label branch (CLD, IDM, LGFE, heads)
     scheduler        any diffusers scheduler (DDIM, DPM-Solver, ...)
 
+Inpainting models (the authors' SD-inpainting base, and the tiny model) generate the face region
+only: outside the mask the sample is the exemplar noised to each step's level, and the output is
+composited onto the exemplar, since the masked denoising loss (eq. 10) never trains that region.
+
 Sampling with mutual conditioning: at each step the AU condition and the label decoder's initial
 queries are the previous step's EMA of final-layer AU tokens, detached (no_grad sampling). The
 labels returned are those of the last step, read from the conditional branch.
@@ -238,6 +242,12 @@ class MAUGenPipeline(DiffusionPipeline):
         shape = (b, self.latent_channels, height // sf, width // sf)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if self.inpainting:
+            # outside the face the model was never asked to denoise (eq. 10 is masked): there the
+            # sample follows the exemplar, noised to each step's level, as x_t did in training
+            z_known = self.encode_images(ident).to(dtype)
+            known_noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
         ld = self.label_decoder
         mutual = ld.config.mutual_conditioning
@@ -246,7 +256,7 @@ class MAUGenPipeline(DiffusionPipeline):
         uncond = self.conditioner.unconditional(null_text.to(dtype), b) if cfg else None
         trajectory: list[np.ndarray] = []
         labels = None
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(timesteps)):
             x_in = core.unet_input(self.scheduler.scale_model_input(latents, t), mask_l, masked_l, self.inpainting)
             queries = state if mutual else ld.initial_queries(b).to(dtype)
             ehs = self.conditioner(cond.text_tokens, cond.id_embedding, queries)
@@ -267,8 +277,16 @@ class MAUGenPipeline(DiffusionPipeline):
             if mutual:
                 state = core.next_au_state(ld, state, labels.tokens)
             latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
+            if self.inpainting:
+                if i + 1 < len(timesteps):
+                    known = self.scheduler.add_noise(z_known, known_noise, timesteps[i + 1].repeat(b))
+                else:
+                    known = z_known
+                latents = mask_l * latents + (1.0 - mask_l) * known
 
         x = self.decode_latents(latents).float().clamp(-1, 1)
+        if self.inpainting:
+            x = mask * x + (1.0 - mask) * ident  # the background, hair and clothes are the exemplar's
         if not torch.isfinite(x).all():
             raise FloatingPointError(
                 "MAUGen produced NaN/inf pixels; on fp16 try bf16 or fp32, or check the checkpoint for NaN weights"
