@@ -147,18 +147,40 @@ def verify(out: Annotated[str, typer.Argument(help="output to check")]) -> None:
 
 @app.command()
 def report(
-    out: Annotated[str, typer.Argument(help="output to report on")],
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    out: Annotated[str, typer.Argument(help="output to report on (local or s3://...)")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output, figure data included")] = False,
+    html: Annotated[
+        Optional[str], typer.Option("--html", help="also write a self-contained HTML report to this path")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="accepted samples in the sample grid (read from a few tars)")] = 24,
+    rejected: Annotated[int, typer.Option(help="rejected samples shown per reason")] = 4,
+    threads: Annotated[int, typer.Option(help="parquet files read at once")] = 4,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Shards done/failed/pending, rejections, per-AU labels and balance against the plan, throughput."""
-    from .report import build_report, print_report
+    """Funnel, rejections, per-AU labels, co-occurrence and balance against the plan, throughput, samples."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from .report import ReportError, build_report, print_report, report_json
 
     try:
-        rep = build_report(out)
-    except FileNotFoundError as err:
+        rep = build_report(
+            out, accepted=samples, rejected_per_reason=rejected, images=html is not None, threads=threads
+        )
+    except (FileNotFoundError, ReportError) as err:
         _fail(str(err))
+    if html:
+        from .report_html import write_html
+
+        try:
+            size = write_html(rep, html)
+        except OSError as err:
+            _fail(f"cannot write {html}: {err}")
+        typer.echo(f"wrote {html} ({size / 1e3:.0f} kB)", err=True)
     if as_json:
-        typer.echo(json.dumps(rep, indent=1, default=float))
+        typer.echo(report_json(rep))
     else:
         print_report(rep)
 

@@ -1,11 +1,16 @@
 """`factory report OUT`: where a build stands and whether its corpus looks as planned.
 
-Reads only build.json, the commit markers and failure records (O(shards), never the samples),
-so it is fast on a million-sample corpus and safe while a build is still running.
+Counts, funnel, rejections and throughput come from build.json, the commit markers and failure
+records; label histograms, AU co-occurrence and emotion x demographic balance from the committed
+shards' parquets (a few columns, reduced with numpy); sample grids from the head of a few tars.
+Only shards with a valid commit marker are read (`manifest.open_build`), so the report is safe
+while a build is still running, and all I/O goes through fsspec, so OUT may be s3://.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import defaultdict
 from typing import Any
 
@@ -13,17 +18,59 @@ import numpy as np
 
 from pipelines.facs import AUS, EMOTIONS
 
-from .manifest import open_build
+from .layout import TMP_PREFIX
+from .manifest import STATS_SUFFIX, Build, open_build
+from .plan import GRID
+from .report_data import ReportError, SampleAggregates, aggregate_shards, planned_crosstabs
+from .report_samples import accepted_samples, rejected_samples
 from .stages import FUNNEL_ORDER, REASONS
 
+log = logging.getLogger(__name__)
 
-def build_report(out: str) -> dict[str, Any]:
-    b = open_build(out)
-    record, plan, state = b.record, b.plan, b.state
-    stats = list(state.committed.values())
-    accepted = sum(int(s["samples"]) for s in stats)
-    candidates = sum(int(s["candidates"]) for s in stats)
+__all__ = ["ReportError", "build_report", "print_report"]
 
+REJECTED_NOTE = (
+    "Rejected samples are not written to the shards (only accepted ones are), and their commit markers "
+    "keep only their keys per reason; so their cards show key, reason, shard and any injected fault, "
+    "without image, prompt or labels."
+)
+
+
+def _open(out: str) -> Build:
+    """open_build with unreadable build.json turned into an error that names the file."""
+    try:
+        return open_build(out)
+    except (ValueError, KeyError) as err:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
+        raise ReportError(
+            f"{out.rstrip('/')}/build.json is unreadable or not a factory build record ({str(err).splitlines()[0]}); "
+            "restore it from the run that made OUT, or rebuild with `factory build --new-build`"
+        ) from None
+
+
+def _check_markers(b: Build) -> list[str]:
+    """Markers that scan() left out: unparseable ones are an error; foreign or uncommitted ones a note."""
+    layout, notes = b.layout, []
+    for base in layout.listdir(layout.shards_dir):
+        if not base.endswith(STATS_SUFFIX) or base.startswith(TMP_PREFIX):
+            continue
+        name = base[: -len(STATS_SUFFIX)]
+        if name in b.state.committed:
+            continue
+        path = layout.stats(name)
+        try:
+            layout.read_json(path)
+        except FileNotFoundError:
+            continue  # removed by a resume between listing and reading
+        except (OSError, ValueError) as err:
+            raise ReportError(
+                f"{path} is corrupt ({err}); delete it and run `factory resume {layout.out}` to redo shard {name}"
+            ) from None
+        notes.append(f"{path} is not a commit marker of build {b.record['build_id']}; shard {name} counted as pending")
+    return notes
+
+
+def _stats_sums(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-shard stats summed: rejections, funnel, per-AU sums, marginal balance, expand, nodes."""
     rejected: dict[str, int] = defaultdict(int)
     funnel: dict[str, int] = defaultdict(int)
     per_au = {k: np.zeros(len(AUS)) for k in ("target_occ", "target_int", "occ", "int")}
@@ -38,9 +85,9 @@ def build_report(out: str) -> dict[str, Any]:
         for k in per_au:
             per_au[k] += np.asarray(s["per_au"][k], dtype=np.float64)
         for dim in ("emotions", "skin_groups", "age_groups"):
-            b = balance.setdefault(dim, {})
+            d = balance.setdefault(dim, {})
             for name, n in s[dim].items():
-                b.setdefault(name, {"accepted": 0, "planned": 0})["accepted"] += int(n)
+                d.setdefault(name, {"accepted": 0, "planned": 0})["accepted"] += int(n)
         for k, v in s.get("expand", {}).items():
             if isinstance(v, (int, float)):
                 expand[k] += v
@@ -48,14 +95,130 @@ def build_report(out: str) -> dict[str, Any]:
         node["samples"] += int(s["samples"])
         node["shards"] += 1
         node["busy_s"] += float(s["timings"]["end"] - s["timings"]["start"])
-    # The plan's balance over the whole corpus (not only what is committed so far).
-    summary = plan.summary()
-    for dim in ("emotions", "skin_groups", "age_groups"):
-        b = balance.setdefault(dim, {})
-        for name, n in summary[dim].items():
-            b.setdefault(name, {"accepted": 0, "planned": 0})["planned"] = int(n)
+    return {
+        "rejected": rejected,
+        "funnel": funnel,
+        "per_au": per_au,
+        "balance": balance,
+        "expand": expand,
+        "by_node": by_node,
+    }
 
-    n = max(accepted, 1)
+
+def _stats_ok(s: dict[str, Any]) -> bool:
+    """Whether one marker has every field the report sums, with the right shapes."""
+    try:
+        int(s["samples"]) + int(s["candidates"])
+        _stats_sums([s])
+        _timeline([s])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _timeline(stats: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+    """Per node, (seconds since the first shard started, cumulative accepted samples) at each commit."""
+    if not stats:
+        return {}
+    t0 = min(float(s["timings"]["start"]) for s in stats)
+    nodes: dict[str, list[list[float]]] = defaultdict(list)
+    for s in sorted(stats, key=lambda s: float(s["timings"]["end"])):
+        pts = nodes[s.get("node", "?")]
+        prev = pts[-1][1] if pts else 0
+        pts.append([round(float(s["timings"]["end"]) - t0, 3), prev + int(s["samples"])])
+    return dict(nodes)
+
+
+def _figures(
+    sums: dict[str, Any], agg: SampleAggregates, cell_totals: np.ndarray, stats: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The data behind every plot, the same for the HTML and `--json`."""
+    aus = [f"AU{a}" for a in AUS]
+    funnel = sums["funnel"]
+    stages = [s for s in FUNNEL_ORDER if s in funnel] + [s for s in funnel if s not in FUNNEL_ORDER]
+    reasons = list(REASONS) + [r for r in sums["rejected"] if r not in REASONS]
+    n = max(agg.rows, 1)
+    diag = np.diag(agg.cooc).astype(float)
+    conditional = agg.cooc / np.where(diag > 0, diag, 1)[:, None]
+    plan_es, plan_ea = planned_crosstabs(cell_totals)
+    return {
+        "funnel": {"stages": stages, "counts": [int(funnel[s]) for s in stages]},
+        "rejections": {"reasons": reasons, "counts": [int(sums["rejected"].get(r, 0)) for r in reasons]},
+        "au_occurrence": {
+            "aus": aus,
+            "rows": agg.rows,
+            "observed": (agg.occ / n).round(6).tolist(),
+            "planned": (agg.target_occ / n).round(6).tolist(),
+        },
+        "au_intensity": {
+            "aus": aus,
+            "levels": list(range(agg.int_hist.shape[1])),
+            "labels": agg.int_hist.tolist(),
+            "planned": agg.target_int_hist.tolist(),
+        },
+        "cooccurrence": {"aus": aus, "counts": agg.cooc.tolist(), "conditional": conditional.round(6).tolist()},
+        "balance": {
+            "emotions": list(GRID.emotions),
+            "skin_groups": {
+                "groups": [str(i) for i in range(GRID.skin_groups)],
+                "accepted": agg.emotion_skin.tolist(),
+                "planned": plan_es.tolist(),
+            },
+            "age_groups": {
+                "groups": list(GRID.age_groups),
+                "accepted": agg.emotion_age.tolist(),
+                "planned": plan_ea.tolist(),
+            },
+        },
+        "throughput": {"nodes": _timeline(stats)},
+    }
+
+
+def build_report(
+    out: str,
+    *,
+    accepted: int = 0,
+    rejected_per_reason: int = 0,
+    images: bool = False,
+    threads: int = 4,
+) -> dict[str, Any]:
+    """The whole report as JSON-ready data; `accepted`/`rejected_per_reason` size the sample grids."""
+    b = _open(out)
+    notes = _check_markers(b)
+    record, plan, state = b.record, b.plan, b.state
+    names = sorted(state.committed)
+    stats = [state.committed[k] for k in names]
+    try:
+        n_accepted = sum(int(s["samples"]) for s in stats)
+        candidates = sum(int(s["candidates"]) for s in stats)
+        sums = _stats_sums(stats)
+        _timeline(stats)
+    except (KeyError, TypeError, ValueError) as err:
+        bad = next(n for n, st in zip(names, stats) if not _stats_ok(st))
+        raise ReportError(
+            f"{b.layout.stats(bad)} lacks a field the report needs ({err!r}); it was not written by this "
+            f"factory's shard runner: delete it and run `factory resume {out}` to redo shard {bad}"
+        ) from None
+    agg = aggregate_shards(b.layout, names, b.cfg.labels.occurrence_threshold, threads=threads)
+    if agg.rows != n_accepted:
+        notes.append(f"parquets hold {agg.rows} rows but the markers count {n_accepted}; run `factory verify {out}`")
+
+    # The plan's balance over the whole corpus (not only what is committed so far).
+    cell_totals = plan.totals()
+    balance = sums["balance"]
+    cells = np.arange(GRID.size)
+    for dim, keyf, groups in (
+        ("emotions", GRID.emotion_of, GRID.emotions),
+        ("skin_groups", GRID.skin_of, range(GRID.skin_groups)),
+        ("age_groups", GRID.age_of, GRID.age_groups),
+    ):
+        d = balance.setdefault(dim, {})
+        keys = keyf(cells)
+        for i, name in enumerate(groups):
+            d.setdefault(str(name), {"accepted": 0, "planned": 0})["planned"] = int(cell_totals[keys == i].sum())
+
+    per_au = sums["per_au"]
+    n = max(n_accepted, 1)
     aus = [
         {
             "au": au,
@@ -72,13 +235,12 @@ def build_report(out: str) -> dict[str, Any]:
         wall = max(t_end - t_start, 1e-9)
     else:
         wall = 0.0
-    committed_names = set(state.committed)
-    failed = {k: v.get("error", "?") for k, v in state.failed.items() if k not in committed_names}
+    failed = {k: v.get("error", "?") for k, v in state.failed.items() if k not in state.committed}
     return {
         "out": out,
         "build_id": record["build_id"],
         "target": plan.target,
-        "accepted": accepted,
+        "accepted": n_accepted,
         "shards": {
             "total": plan.num_shards,
             "done": len(stats),
@@ -87,19 +249,30 @@ def build_report(out: str) -> dict[str, Any]:
         },
         "failed": failed,
         "candidates": candidates,
-        "acceptance_rate": accepted / candidates if candidates else None,
-        "funnel": dict(funnel),
-        "rejected": dict(rejected),
+        "acceptance_rate": n_accepted / candidates if candidates else None,
+        "funnel": dict(sums["funnel"]),
+        "rejected": dict(sums["rejected"]),
         "aus": aus,
         "balance": balance,
         "partial_emotions": {e: p.note for e, p in EMOTIONS.items() if p.partial},
-        "expand": dict(expand),
+        "expand": dict(sums["expand"]),
         "throughput": {
-            "samples_per_s": accepted / wall if wall else None,
+            "samples_per_s": n_accepted / wall if wall else None,
             "wall_s": wall,
-            "nodes": {k: dict(v) for k, v in by_node.items()},
+            "nodes": {k: dict(v) for k, v in sums["by_node"].items()},
         },
+        "figures": _figures(sums, agg, cell_totals, stats),
+        "samples": {
+            "accepted": accepted_samples(b.layout, names, accepted, images),
+            "rejected": rejected_samples(state.committed, rejected_per_reason),
+            "rejected_note": REJECTED_NOTE,
+        },
+        "notes": notes,
     }
+
+
+def report_json(rep: dict[str, Any]) -> str:
+    return json.dumps(rep, indent=1, default=float)
 
 
 def print_report(rep: dict[str, Any]) -> None:
@@ -128,15 +301,22 @@ def print_report(rep: dict[str, Any]) -> None:
         t.add_row(f"rejected: {k}", str(rejected[k]))
     con.print(t)
     t = Table(title="per-AU labels vs plan (accepted samples)")
-    for c in ("AU", "planned occ.", "occurrence", "planned mean int.", "mean intensity"):
+    for c in ("AU", "planned occ.", "occurrence", "planned mean int.", "mean intensity", "top co-occurring AU"):
         t.add_column(c, justify="right")
-    for a in rep["aus"]:
+    cooc = rep["figures"]["cooccurrence"]
+    cond = np.asarray(cooc["conditional"], float)
+    for i, a in enumerate(rep["aus"]):
+        row = cond[i].copy()
+        row[i] = -1
+        j = int(row.argmax())
+        top = f"{cooc['aus'][j]} ({row[j]:.2f})" if row[j] > 0 else "-"
         t.add_row(
             f"AU{a['au']}",
             f"{a['target_occurrence']:.3f}",
             f"{a['occurrence']:.3f}",
             f"{a['target_mean_intensity']:.2f}",
             f"{a['mean_intensity']:.2f}",
+            top,
         )
     con.print(t)
     for dim, rows in rep["balance"].items():
@@ -146,6 +326,14 @@ def print_report(rep: dict[str, Any]) -> None:
         for name, v in rows.items():
             t.add_row(name, str(v["accepted"]), str(v["planned"]))
         con.print(t)
+    bal = rep["figures"]["balance"]
+    t = Table(title="accepted: emotion x age group")
+    t.add_column("emotion")
+    for g in bal["age_groups"]["groups"]:
+        t.add_column(g, justify="right")
+    for e, row in zip(bal["emotions"], bal["age_groups"]["accepted"]):
+        t.add_row(e, *map(str, row))
+    con.print(t)
     thr = rep["throughput"]
     if thr["samples_per_s"]:
         con.print(f"throughput: {thr['samples_per_s']:.1f} samples/s over {thr['wall_s']:.1f} s")
@@ -158,6 +346,8 @@ def print_report(rep: dict[str, Any]) -> None:
         for k, v in rep["failed"].items():
             t.add_row(k, v)
         con.print(t)
+    for note in rep.get("notes", []):
+        con.print(f"[yellow]note:[/] {note}")
     if rep["partial_emotions"]:
         con.print("emotions only partly expressible with DISFA's 12 AUs:")
         for e, note in rep["partial_emotions"].items():

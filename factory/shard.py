@@ -27,7 +27,7 @@ from .layout import Layout
 from .plan import GRID, Plan
 from .sampler import Candidate, ShardSampler
 from .stages import FUNNEL, REASONS
-from .writer import ShardWriter, au_array
+from .writer import DETECT_COLUMNS, ShardWriter, au_array
 
 if TYPE_CHECKING:
     from detectors.panel import Detection
@@ -264,16 +264,7 @@ def _write_sample(
         "label_prompt_jaccard": round(jaccard(prompt_occ, occ), 6),
     }
     consensus_meta = None
-    row_det: dict[str, Any] = dict.fromkeys(
-        (
-            "consensus_occurrence",
-            "consensus_intensity",
-            "consensus_agree",
-            "realism",
-            "label_consensus_jaccard",
-            "detectors",
-        )
-    )
+    row_det: dict[str, Any] = dict.fromkeys(DETECT_COLUMNS)
     if det is not None:
         d, r = det
         c = d.consensus

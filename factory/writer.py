@@ -57,6 +57,8 @@ PARQUET_SCHEMA = pa.schema(
         ("detectors", pa.string()),  # JSON {detector: {probability: [12], intensity: [12]}}, raw outputs
     ]
 )
+#: The parquet columns the detect stage fills (null in a row when detect.enabled is false).
+DETECT_COLUMNS: tuple[str, ...] = tuple(PARQUET_SCHEMA.names[PARQUET_SCHEMA.get_field_index("consensus_occurrence") :])
 
 
 class _HashingWriter(io.RawIOBase):

@@ -1,0 +1,75 @@
+"""`factory report s3://...`: a small build copied to a local S3 server (moto) reports as it does on disk."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import FAST, factory
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+s3fs = pytest.importorskip("s3fs", reason="s3fs is a dependency")
+
+BUCKET = "mifa-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A moto S3 server on a free loopback port, and the env that points s3fs at it (fake credentials)."""
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+        "FSSPEC_S3_ENDPOINT_URL": url,
+    }
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=url)
+    fs.mkdir(BUCKET)
+    try:
+        yield env, fs
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("s3src") / "out"
+    args = ["--target", "30", "--shard-size", "10", "--out", str(out), "--set", "generator=puppet", *FAST]
+    factory("build", *args, check=True)
+    return out
+
+
+def test_report_on_s3_matches_local(local_build, s3_env):
+    env, fs = s3_env
+    fs.put(str(local_build) + "/", f"{BUCKET}/mifa/", recursive=True)
+    # a shard still being written on the cluster: no marker yet, so it must not be counted
+    fs.pipe(f"{BUCKET}/mifa/shards/.tmp-mifa-000003.tar.abc", b"partial")
+    assert fs.exists(f"{BUCKET}/mifa/build.json")
+
+    url = f"s3://{BUCKET}/mifa"
+    html = f"s3://{BUCKET}/reports/report.html"
+    p = factory("report", url, "--json", "--html", html, "--samples", "4", env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    remote = json.loads(p.stdout)
+    local = json.loads(factory("report", str(local_build), "--json", "--samples", "4", check=True).stdout)
+
+    assert remote["shards"] == local["shards"] == {"total": 3, "done": 3, "failed": 0, "pending": 0}
+    assert remote["figures"] == local["figures"]
+    assert [s["key"] for s in remote["samples"]["accepted"]] == [s["key"] for s in local["samples"]["accepted"]]
+    page = fs.cat(f"{BUCKET}/reports/report.html").decode()
+    assert page.count("<img ") == 7 + 4 and 'id="samples-accepted"' in page
+
+    p = factory("report", f"s3://{BUCKET}/missing", env=env)
+    assert p.returncode == 2 and "no build.json" in p.stderr
