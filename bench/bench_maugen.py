@@ -14,13 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectors.data import identities  # noqa: E402
-from pipelines.facs import NUM_AUS  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.maugen.build import SCHEDULERS  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
@@ -42,8 +40,7 @@ def main() -> None:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     people = identities(args.batch, "heldout")
     r = PuppetRenderer(size=size)
-    ex = r.render_batch(people, np.zeros((len(people), NUM_AUS)))
-    masks = np.stack([r.face_mask(p) for p in people]).astype(np.float32)
+    ex, masks = r.exemplars(people)
     prompts = ["A face showing a clear smile with the lips apart."] * len(people)
     base_config = pipe.scheduler.config
     rates = []

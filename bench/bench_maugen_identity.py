@@ -53,8 +53,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     people = identities(args.identities, "heldout", seed=args.seed)
     renderer = PuppetRenderer(size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    exemplars = renderer.render_batch(people, np.zeros((len(people), NUM_AUS)))
-    masks = np.stack([renderer.face_mask(p) for p in people]).astype(np.float32)
+    exemplars, masks = renderer.exemplars(people)
     requests = random_requests(args.prompts, seed=args.seed + 1)
     prompts = [grammar_expand(r) for r in requests]
 

@@ -116,9 +116,7 @@ class MAUGenGenerator:
         import torch
 
         b = len(batch)
-        zeros = np.zeros((b, NUM_AUS), dtype=np.float32)
-        exemplars = self.renderer.render_batch(batch.identities, zeros)
-        masks = np.stack([self.renderer.face_mask(p) for p in batch.identities]).astype(np.float32)
+        exemplars, masks = self.renderer.exemplars(batch.identities)
         images, occ, inten = [], [], []
         step = self.cfg.batch_size
         for a in range(0, b, step):

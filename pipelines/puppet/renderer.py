@@ -218,6 +218,13 @@ class PuppetRenderer:
             self._put(self._masks, key, m)
         return m.copy()
 
+    def exemplars(self, identities: Sequence[PuppetIdentity]) -> tuple[np.ndarray, np.ndarray]:
+        """What MAUGen is conditioned on per identity: the neutral render (B, size, size, 3) uint8
+        and the face mask (B, size, size) float32, 1 where the face is to be generated."""
+        images = self.render_batch(identities, np.zeros((len(identities), NUM_AUS)))
+        masks = np.stack([self.face_mask(p) for p in identities]).astype(np.float32)
+        return images, masks
+
     # ------------------------------------------------------------------ validation, caches
 
     @staticmethod
