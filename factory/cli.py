@@ -122,7 +122,7 @@ def _run(cfg: FactoryConfig, out: str, new_build: bool) -> None:
 
     try:
         summary = run_build(cfg, out, new_build=new_build)
-    except (ConfigError, SpecError) as err:
+    except (ConfigError, SpecError, FileNotFoundError) as err:
         _fail(str(err))
     _finish(summary)
 

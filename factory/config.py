@@ -105,8 +105,11 @@ class PuppetConfig(_Section):
 class MAUGenGeneratorConfig(_Section):
     """The MAUGen generator (generator=maugen): a saved MAUGenPipeline and how to sample it."""
 
-    checkpoint: str | None = Field(
-        None, description="directory of a saved MAUGenPipeline (`factory train` writes OUT/final)"
+    checkpoint: str = Field(
+        "builtin:tiny-puppet",
+        min_length=1,
+        description="builtin:NAME (pipelines/maugen/models/) or a saved MAUGenPipeline directory "
+        "(`factory train` writes OUT/final)",
     )
     steps: int = Field(25, ge=1, le=1000, description="denoising steps")
     guidance_scale: float = Field(3.0, ge=1.0, description="classifier-free guidance (1 = off)")
@@ -186,7 +189,9 @@ class FactoryConfig(_Section):
     labels: LabelsConfig = LabelsConfig()
     plan: PlanConfig = PlanConfig()
     expand: ExpandConfig = ExpandConfig()
-    generator: Literal["puppet", "maugen"] = "puppet"
+    generator: Literal["puppet", "maugen"] = Field(
+        "puppet", description="puppet: the exact procedural renderer; maugen: a trained MAUGen (maugen.checkpoint)"
+    )
     puppet: PuppetConfig = PuppetConfig()
     maugen: MAUGenGeneratorConfig = MAUGenGeneratorConfig()
     detect: DetectConfig = DetectConfig()
@@ -195,11 +200,6 @@ class FactoryConfig(_Section):
 
     @model_validator(mode="after")
     def _shards(self) -> FactoryConfig:
-        if self.generator == "maugen" and not self.maugen.checkpoint:
-            raise ValueError(
-                "generator=maugen needs maugen.checkpoint: a saved MAUGenPipeline directory "
-                "(`factory train` writes OUT/final), e.g. --set maugen.checkpoint=runs/maugen/final"
-            )
         if self.build.shard_size > 1_000_000:
             raise ValueError("build.shard_size above 1000000 would not fit a shard task's memory budget")
         return self

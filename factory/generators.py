@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -84,15 +83,11 @@ class MAUGenGenerator:
         import torch
 
         from pipelines.maugen import MAUGenPipeline
+        from pipelines.maugen.builtin import checkpoint_hash, resolve_checkpoint
         from pipelines.maugen.build import SCHEDULERS
 
         m = cfg.maugen
-        path = Path(m.checkpoint).expanduser()
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"maugen.checkpoint {path} is not a saved MAUGenPipeline (no model_index.json); "
-                "train one with `factory train --config ...` and point maugen.checkpoint at OUT/final"
-            )
+        path = resolve_checkpoint(m.checkpoint)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
         dtype = getattr(torch, m.dtype)
         if device == "cpu" and dtype != torch.float32:
@@ -110,7 +105,7 @@ class MAUGenGenerator:
         self.cfg = m
         self.size = cfg.puppet.image_size
         self.renderer = PuppetRenderer(size=self.size, supersample=cfg.puppet.supersample)
-        self.version = _dir_hash(path)
+        self.version = checkpoint_hash(path)[:12]
 
     def generate(self, batch: GenerationBatch) -> GenerationResult:
         import torch
@@ -177,17 +172,6 @@ def validate_result(result: GenerationResult, batch: GenerationBatch, size: int)
     flat = images.reshape(b, -1).astype(np.float32)
     blank = np.nan_to_num(flat.std(axis=1), nan=0.0) < 1.0
     return finite & ~blank
-
-
-def _dir_hash(path: Path) -> str:
-    """Hash of a checkpoint directory's files (provenance of a trained generator)."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:12]
 
 
 def _module_hash(*modules: str) -> str:

@@ -92,7 +92,7 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
             return layout, old
         if same_config and not new_build:
             raise BuildConfigMismatch(
-                f"{out} holds build {build_id} made with other detector model files "
+                f"{out} holds build {build_id} made with other model files (generator checkpoint or detectors) "
                 f"(build.json: {old.get('models')}; now: {models}); refusing to mix corpora filtered by "
                 "different models. Restore those files, or pass --new-build to start over"
             )
@@ -123,13 +123,18 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
 
 
 def _model_hashes(cfg: FactoryConfig) -> dict[str, str]:
-    """sha256 of every model file the build's filters use (checked again on resume)."""
-    if not cfg.detect.enabled:
-        return {}
-    from detectors.panel import model_hashes
+    """sha256 of the MAUGen checkpoint and of every model file the filters use (checked again on resume)."""
+    hashes: dict[str, str] = {}
+    if cfg.generator == "maugen":
+        from pipelines.maugen.builtin import checkpoint_hash, resolve_checkpoint
 
-    refs = list(cfg.detect.au_detectors) + ([cfg.detect.realism] if cfg.detect.realism else [])
-    return model_hashes(refs)
+        hashes[f"maugen:{cfg.maugen.checkpoint}"] = checkpoint_hash(resolve_checkpoint(cfg.maugen.checkpoint))
+    if cfg.detect.enabled:
+        from detectors.panel import model_hashes
+
+        refs = list(cfg.detect.au_detectors) + ([cfg.detect.realism] if cfg.detect.realism else [])
+        hashes |= model_hashes(refs)
+    return hashes
 
 
 def _check_resources(cfg: FactoryConfig) -> None:

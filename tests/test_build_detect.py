@@ -149,7 +149,7 @@ def test_resume_with_other_model_files_is_refused(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     shutil.copy(resolve("builtin:au-resnet").parent / "model.onnx", spec.parent / "model.onnx")
     p = factory("build", *args)
-    assert p.returncode == 2 and "other detector model files" in p.stderr, p.stderr[-2000:]
+    assert p.returncode == 2 and "other model files" in p.stderr, p.stderr[-2000:]
 
 
 def test_images_of_rejected_injections_never_reach_the_tar(injected):

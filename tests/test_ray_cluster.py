@@ -66,7 +66,7 @@ def test_driver_with_ray_address_and_job_submit(cluster, tmp_path):
     out = tmp_path / "a"
     env = {"RAY_ADDRESS": cluster["gcs"], "RAY_AUTH_TOKEN": cluster["token"], "RAY_AUTH_MODE": ""}
     p = factory("build", "--target", "40", "--shard-size", "20", "--out", str(out), "--set", "runtime.progress=false",
-                env=env)  # fmt: skip
+                "--set", "generator=puppet", env=env)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     assert "joining the Ray cluster" in p.stderr and len(list((out / "shards").glob("*.stats.json"))) == 2
 
@@ -76,7 +76,7 @@ def test_driver_with_ray_address_and_job_submit(cluster, tmp_path):
     q = subprocess.run(
         [RAY, "job", "submit", "--address", cluster["dashboard"], "--",
          sys.executable, "-m", "factory.cli", "build", "--target", "40", "--shard-size", "20", "--out", str(out2),
-         "--set", "runtime.progress=false"],
+         "--set", "runtime.progress=false", "--set", "generator=puppet"],
         cwd=ROOT, env=submit_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]

@@ -25,7 +25,7 @@ PLOTS = 7  # funnel, rejections, AU occurrence, AU intensity, co-occurrence, bal
 def corpus(tmp_path_factory) -> Path:
     """3 shards of 20: shard 2 fails at write (so the build is partial), 10% of samples are blanked."""
     out = tmp_path_factory.mktemp("report") / "out"
-    args = ["--target", "60", "--shard-size", "20", "--out", str(out), "--set", "generator=puppet", *FAST]
+    args = ["--target", "60", "--shard-size", "20", "--out", str(out), *FAST]
     p = factory(
         "build", *args, "--set", "build.shard_retries=0", env={"MIFA_FAULTS": "write:2", "MIFA_INJECT": "blank:0.1"}
     )
