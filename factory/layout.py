@@ -1,7 +1,15 @@
 """Where a build's files live (DESIGN.md's output layout), through one filesystem layer.
 
 Every path goes through fsspec, so OUT may be a local directory or an object store URL such as
-s3://bucket/mifa on a cluster; local paths are what the tests use.
+s3://bucket/mifa on a cluster (endpoint and credentials from the standard AWS_* environment).
+
+Atomic publication differs by storage. On a filesystem a file is written under a temporary name,
+flushed and renamed, since a rename is atomic there. On an object store a rename is copy + delete
+(not atomic, and twice the traffic), while a whole-object PUT or a completed multipart upload is:
+readers see no object or the whole one, never a prefix. So there objects go straight to their
+final keys, each upload is checked (size) before the next step, and an interrupted upload is
+aborted, never completed. The stats marker is still written last; a tar or parquet without a
+valid marker is garbage that a resume deletes and redoes.
 """
 
 from __future__ import annotations
@@ -18,13 +26,20 @@ log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 
+#: fsspec protocols of object stores: whole-object writes are atomic, renames are copy + delete.
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+
 
 class Layout:
     """Paths of one output directory: build.json, shards/, failed/."""
 
     def __init__(self, out: str):
         self.out = str(out).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.out)
+        protocol = fsspec.core.split_protocol(self.out)[0]
+        # Object stores: no listing cache. Other processes (shard tasks, other nodes) write the
+        # keys this process lists, and a cached listing would hide their commits.
+        opts = {"use_listings_cache": False} if protocol in OBJECT_STORE_PROTOCOLS else {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.out, **opts)
         self.root = self.root.rstrip("/") or "/"
 
     def __repr__(self) -> str:
@@ -33,6 +48,12 @@ class Layout:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def is_object_store(self) -> bool:
+        """Writes go straight to final keys (see the module docstring), not through a rename."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        return bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -67,6 +88,16 @@ class Layout:
         return self.path("failed", f"{name}.json")
 
     def makedirs(self) -> None:
+        """Create OUT's directories; on an object store (no directories) check that the bucket exists."""
+        if self.is_object_store:
+            bucket = self.root.split("/", 1)[0]
+            if not self.fs.exists(bucket):
+                raise FileNotFoundError(
+                    f"{self.out}: bucket {bucket!r} does not exist or these credentials cannot see it; create it "
+                    f"(e.g. `aws s3 mb s3://{bucket}`) or fix AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY"
+                )
+            return
         for d in (self.root, self.shards_dir, self.failed_dir):
             self.fs.makedirs(d, exist_ok=True)
 
@@ -80,11 +111,68 @@ class Layout:
         self.write_bytes_atomic(path, data)
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Publish DATA at PATH all at once: temp + rename on a filesystem, one checked PUT on a store."""
+        if self.is_object_store:
+            self.fs.pipe_file(path, data)
+            self.check_uploaded(path, len(data))
+            return
         tmp = self.temp_path(path)
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
             _fsync(f)
         self.fs.mv(tmp, path)
+
+    def check_uploaded(self, path: str, size: int) -> None:
+        """Raise unless the store holds PATH with SIZE bytes: what a later commit marker relies on."""
+        self.fs.invalidate_cache(path)
+        try:
+            got = self.fs.info(path).get("size")
+        except FileNotFoundError:
+            got = None
+        if got != size:
+            raise OSError(f"upload of {path} is incomplete: the store holds {got} bytes, {size} were written")
+
+    def discard_upload(self, f: Any) -> None:
+        """Abandon a write in progress on an object store without publishing anything.
+
+        Closing the file would complete the (multipart) upload and publish a partial object; discard
+        aborts it instead, and marking the file closed keeps garbage collection from closing it.
+        """
+        try:
+            discard = getattr(f, "discard", None)
+            if callable(discard):
+                discard()
+        finally:
+            f.closed = True
+
+    def abort_incomplete_uploads(self, directory: str) -> list[str]:
+        """Abort multipart uploads under DIRECTORY that a crashed writer left (invisible, but billed).
+
+        Only for s3fs (other stores expire theirs); call it when no writer of this build runs.
+        """
+        call = getattr(self.fs, "call_s3", None)
+        if not self.is_object_store or call is None:
+            return []
+        bucket, _, prefix = directory.partition("/")
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix.rstrip("/") + "/"}
+        aborted: list[str] = []
+        try:
+            while True:
+                resp = call("list_multipart_uploads", **kwargs)
+                for u in resp.get("Uploads", []):
+                    call("abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    aborted.append(f"{bucket}/{u['Key']}")
+                if not resp.get("IsTruncated"):
+                    break
+                kwargs.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
+        except (PermissionError, OSError) as err:
+            log.warning(
+                "could not list/abort incomplete uploads under %s (%s); a bucket lifecycle rule "
+                "AbortIncompleteMultipartUpload removes them instead",
+                directory,
+                err,
+            )
+        return aborted
 
     def temp_path(self, path: str) -> str:
         import uuid

@@ -62,8 +62,12 @@ def scan(layout: Layout, build_id: str) -> DiskState:
 
 
 def clean_uncommitted(layout: Layout, committed: dict[str, Any]) -> list[str]:
-    """Remove temporary files and shard files without a valid marker; returns what was removed."""
-    removed = []
+    """Remove temporary files and shard files without a valid marker; returns what was removed.
+
+    On an object store this also aborts multipart uploads left under shards/ by a crashed writer.
+    Run it before any shard task of this build starts: it takes every such file for garbage.
+    """
+    removed: list[str] = []
     for d in (layout.shards_dir, layout.failed_dir, layout.root):
         for base in layout.listdir(d):
             path = posixpath.join(d, base)
@@ -73,11 +77,18 @@ def clean_uncommitted(layout: Layout, committed: dict[str, Any]) -> list[str]:
                 if layout.fs.isdir(path):
                     log.warning("leaving directory %s in place: not a file this factory writes", path)
                     continue
-                layout.fs.rm(path)
                 removed.append(path)
     if removed:
-        log.info("removed %d temporary or uncommitted files from %s", len(removed), layout.out)
-    return removed
+        layout.fs.rm(removed)  # one call: a bulk delete on an object store
+    aborted = layout.abort_incomplete_uploads(layout.shards_dir)
+    if removed or aborted:
+        log.info(
+            "removed %d temporary or uncommitted files and aborted %d incomplete uploads in %s",
+            len(removed),
+            len(aborted),
+            layout.out,
+        )
+    return removed + aborted
 
 
 def record_failure(layout: Layout, name: str, record: dict[str, Any]) -> None:

@@ -4,6 +4,11 @@ Order of DESIGN.md: the tar is streamed to a temporary name while the shard runs
 pile up in memory), flushed and renamed; then the parquet; then the stats JSON, which is the
 commit marker. A crash at any point leaves only temporary or unmarked files, which a resume
 removes and redoes. Tars are reproducible (fixed mtime/owner), so a re-run writes the same bytes.
+
+On an object store (layout.py) the tar streams as a multipart upload straight to its final key:
+the object appears only when the upload completes, so no rename (copy + delete) is needed. Each
+data object's size is checked on the store before the next step, so the marker never precedes
+complete data; a failed attempt aborts its upload rather than completing it.
 """
 
 from __future__ import annotations
@@ -113,8 +118,9 @@ class ShardWriter:
         self.image_format = image_format
         self.jpg_quality = jpg_quality
         self.rows: list[dict[str, Any]] = []
-        self._tmp_tar = layout.temp_path(layout.tar(name))
-        self._file = layout.fs.open(self._tmp_tar, "wb")
+        # filesystem: a temporary name, renamed at commit; object store: the final key (see above)
+        self._dest_tar = layout.tar(name) if layout.is_object_store else layout.temp_path(layout.tar(name))
+        self._file = layout.fs.open(self._dest_tar, "wb")
         self._hash = _HashingWriter(self._file)
         self._tar = wds.TarWriter(self._hash, encoder=False, mtime=0.0, user="mifa", group="mifa", mode=0o444)
         self._keys: set[str] = set()
@@ -138,9 +144,12 @@ class ShardWriter:
         fs = self.layout.fs
         self._tar.close()  # closes the tarfile; our wrapper and the real file stay open
         _fsync(self._file)
-        self._file.close()
+        self._file.close()  # object store: completes the upload, or raises
         self._closed = True
-        fs.mv(self._tmp_tar, self.layout.tar(self.name))
+        if self.layout.is_object_store:
+            self.layout.check_uploaded(self._dest_tar, self._hash.size)
+        else:
+            fs.mv(self._dest_tar, self.layout.tar(self.name))
 
         table = pa.Table.from_pylist(self.rows, schema=PARQUET_SCHEMA)
         buf = io.BytesIO()
@@ -161,8 +170,23 @@ class ShardWriter:
         return stats
 
     def abort(self) -> None:
-        """Drop the temporary tar of a failed attempt (best effort: a resume cleans leftovers)."""
+        """Drop the temporary tar of a failed attempt (best effort: a resume cleans leftovers).
+
+        On an object store the upload is aborted, so nothing is published. A tar this attempt already
+        completed stays: it has no marker (a resume deletes it), and deleting the final key here
+        could remove the commit of a concurrent attempt of the same shard (same bytes).
+        """
         try:
+            if self.layout.is_object_store:
+                if not self._closed:
+                    self._closed = True
+                    self._hash.f = io.BytesIO()  # the tar's end blocks go nowhere, the upload never sees them
+                    try:
+                        self._tar.close()
+                    except (OSError, ValueError):
+                        pass
+                    self.layout.discard_upload(self._file)
+                return
             if not self._closed:
                 try:
                     self._tar.close()  # else the tarfile flushes into a closed file when collected
@@ -170,7 +194,7 @@ class ShardWriter:
                     pass
                 self._file.close()
                 self._closed = True
-            if self.layout.fs.exists(self._tmp_tar):
-                self.layout.fs.rm(self._tmp_tar)
+            if self.layout.fs.exists(self._dest_tar):
+                self.layout.fs.rm(self._dest_tar)
         except OSError as err:
-            log.warning("could not remove %s: %s", self._tmp_tar, err)
+            log.warning("could not remove %s: %s", self._dest_tar, err)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +42,36 @@ def factory(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
 @pytest.fixture
 def run_factory():
     return factory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_env() -> Iterator[tuple[dict[str, str], Any]]:
+    """A moto S3 server on a free loopback port: (env for `factory` subprocesses, an s3fs client).
+
+    The env is the standard AWS one only (AWS_ENDPOINT_URL + fake credentials), which botocore and
+    so s3fs honour. Buckets are per test module; the client lists without a cache, since the
+    subprocesses write what it lists.
+    """
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is a dependency")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+    }
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=url, use_listings_cache=False)
+    try:
+        yield env, fs
+    finally:
+        server.stop()
