@@ -42,6 +42,13 @@ class BuildConfig(_Section):
     image_format: Literal["png", "jpg"] = "png"
     jpg_quality: int = Field(95, ge=1, le=100)
     shard_prefix: str = Field("mifa", pattern=r"^[a-z][a-z0-9]*$")
+    rejected_samples: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="rejected candidates kept per reason per shard (image, prompt, labels, scores) in "
+        "rejected/NAME.tar, for the report's grid; 0 keeps none",
+    )
 
 
 class LabelsConfig(_Section):

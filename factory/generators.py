@@ -83,8 +83,8 @@ class MAUGenGenerator:
         import torch
 
         from pipelines.maugen import MAUGenPipeline
-        from pipelines.maugen.builtin import checkpoint_hash, resolve_checkpoint
         from pipelines.maugen.build import SCHEDULERS
+        from pipelines.maugen.builtin import checkpoint_hash, resolve_checkpoint
 
         m = cfg.maugen
         path = resolve_checkpoint(m.checkpoint)

@@ -103,7 +103,7 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
                 f"over.\n{config_diff(old_identity, cfg.identity_dict())}"
             )
         log.warning("--new-build: deleting build %s in %s", old.get("build_id"), out)
-        for d in (layout.shards_dir, layout.failed_dir):
+        for d in (layout.shards_dir, layout.rejected_dir, layout.failed_dir):
             if layout.fs.exists(d):
                 layout.fs.rm(d, recursive=True)
         layout.fs.rm(layout.build_json)

@@ -81,6 +81,15 @@ class Layout:
     def parquet(self, name: str) -> str:
         return self.path("shards", f"{name}.parquet")
 
+    @property
+    def rejected_dir(self) -> str:
+        """Kept rejected candidates, outside shards/ so that no glob of the corpus picks them up."""
+        return self.path("rejected")
+
+    def rejected_tar(self, name: str) -> str:
+        """A few rejected candidates of shard NAME, kept for inspection (not part of the corpus)."""
+        return self.path("rejected", f"{name}.tar")
+
     def stats(self, name: str) -> str:
         return self.path("shards", f"{name}.stats.json")
 
@@ -98,7 +107,7 @@ class Layout:
                     "AWS_SECRET_ACCESS_KEY"
                 )
             return
-        for d in (self.root, self.shards_dir, self.failed_dir):
+        for d in (self.root, self.shards_dir, self.rejected_dir, self.failed_dir):
             self.fs.makedirs(d, exist_ok=True)
 
     def read_json(self, path: str) -> Any:

@@ -68,11 +68,12 @@ def clean_uncommitted(layout: Layout, committed: dict[str, Any]) -> list[str]:
     Run it before any shard task of this build starts: it takes every such file for garbage.
     """
     removed: list[str] = []
-    for d in (layout.shards_dir, layout.failed_dir, layout.root):
+    for d in (layout.shards_dir, layout.rejected_dir, layout.failed_dir, layout.root):
         for base in layout.listdir(d):
             path = posixpath.join(d, base)
             stem = base.split(".", 1)[0]
-            orphan = d == layout.shards_dir and stem not in committed and not base.startswith(TMP_PREFIX)
+            shard_file = d in (layout.shards_dir, layout.rejected_dir)
+            orphan = shard_file and stem not in committed and not base.startswith(TMP_PREFIX)
             if base.startswith(TMP_PREFIX) or orphan:
                 if layout.fs.isdir(path):
                     log.warning("leaving directory %s in place: not a file this factory writes", path)

@@ -30,9 +30,8 @@ log = logging.getLogger(__name__)
 __all__ = ["ReportError", "build_report", "print_report"]
 
 REJECTED_NOTE = (
-    "Rejected samples are not written to the shards (only accepted ones are), and their commit markers "
-    "keep only their keys per reason; so their cards show key, reason, shard and any injected fault, "
-    "without image, prompt or labels."
+    "Rejected candidates never enter the corpus: each shard keeps the first few of every reason "
+    "(build.rejected_samples) in rejected/NAME.tar for this grid; the reason is the first check each failed."
 )
 
 
@@ -264,7 +263,7 @@ def build_report(
         "figures": _figures(sums, agg, cell_totals, stats),
         "samples": {
             "accepted": accepted_samples(b.layout, names, accepted, images),
-            "rejected": rejected_samples(state.committed, rejected_per_reason),
+            "rejected": rejected_samples(b.layout, state.committed, rejected_per_reason, images),
             "rejected_note": REJECTED_NOTE,
         },
         "notes": notes,

@@ -112,36 +112,44 @@ def _failed(rep: dict[str, Any]) -> str:
     )
 
 
+def _card(s: dict[str, Any], head: str = "") -> str:
+    """One sample: its image, then key, emotion and identity, prompt, AU labels and scores as text under it."""
+    img = (
+        f'<img alt="{_e(s["key"])}" src="{s["image"]}">'
+        if s.get("image")
+        else f'<div class="noimg">{_e(s.get("no_image", "no image"))}</div>'
+    )
+    aus = (
+        "".join(
+            f'<span class="au{" on" if a["occurs"] else ""}">{_e(a["au"])} {a["intensity"]:.1f}</span>'
+            for a in s["aus"]
+        )
+        or '<span class="muted">no AU active</span>'
+    )
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in s.get("scores", {}).items())
+    who = ""
+    if s.get("emotion") is not None:
+        who = (
+            f"<div><b>{_e(s['emotion'])}</b> (strength {_e(s['strength'])}) &middot; skin {_e(s['skin_group'])}"
+            f" &middot; {_e(s['age_group'])}</div>"
+        )
+    prompt = f'<div class="prompt">&ldquo;{_e(s["prompt"])}&rdquo;</div>' if s.get("prompt") else ""
+    return (
+        f'<figure class="card">{img}<figcaption>{head}'
+        f'<div class="key">{_e(s["key"])}</div>{who}{prompt}'
+        f"<div>{aus}</div>"
+        f'<div class="muted">{_e(scores)}</div>'
+        "</figcaption></figure>"
+    )
+
+
 def _accepted_cards(samples: list[dict[str, Any]]) -> str:
     if not samples:
         return '<p class="muted">No committed samples yet.</p>'
-    cards = []
-    for s in samples:
-        img = (
-            f'<img alt="{_e(s["key"])}" src="{s["image"]}">' if s.get("image") else '<div class="noimg">no image</div>'
-        )
-        aus = (
-            "".join(
-                f'<span class="au{" on" if a["occurs"] else ""}">{_e(a["au"])} {a["intensity"]:.1f}</span>'
-                for a in s["aus"]
-            )
-            or '<span class="muted">no AU active</span>'
-        )
-        scores = ", ".join(f"{k} {v:.2f}" for k, v in s.get("scores", {}).items())
-        cards.append(
-            f'<figure class="card">{img}<figcaption>'
-            f'<div class="key">{_e(s["key"])}</div>'
-            f"<div><b>{_e(s['emotion'])}</b> (strength {_e(s['strength'])}) &middot; skin {_e(s['skin_group'])}"
-            f" &middot; {_e(s['age_group'])}</div>"
-            f'<div class="prompt">&ldquo;{_e(s["prompt"])}&rdquo;</div>'
-            f"<div>{aus}</div>"
-            f'<div class="muted">{_e(scores)}</div>'
-            "</figcaption></figure>"
-        )
     return (
         '<p class="muted">Labels: AU intensity (0-5); filled = occurring. From the head of evenly spaced '
         "committed shards.</p>"
-        f'<div class="grid">{"".join(cards)}</div>'
+        f'<div class="grid">{"".join(_card(s) for s in samples)}</div>'
     )
 
 
@@ -151,12 +159,8 @@ def _rejected_cards(samples: list[dict[str, Any]], note: str) -> str:
     cards = []
     for s in samples:
         inj = f"<div>injected fault: <b>{_e(', '.join(s['injected']))}</b></div>" if s["injected"] else ""
-        cards.append(
-            '<figure class="card"><div class="noimg">image not kept<br>(rejected samples are not written)</div>'
-            f'<figcaption><div class="key">{_e(s["key"])}</div>'
-            f'<div class="reason">{_e(s["reason"])}</div><div class="muted">shard {_e(s["shard"])}</div>{inj}'
-            "</figcaption></figure>"
-        )
+        head = f'<div class="reason">{_e(s["reason"])}</div><div class="muted">shard {_e(s["shard"])}</div>{inj}'
+        cards.append(_card(s, head))
     return f'<p class="note">{_e(note)}</p><div class="grid">{"".join(cards)}</div>'
 
 

@@ -32,7 +32,9 @@ def _empty(ax: Any, text: str) -> None:
     ax.set_axis_off()
 
 
-def _bars(labels: list[str], counts: list[int], height: float, color: str, share: bool, xlabel: str, empty: str) -> bytes:
+def _bars(
+    labels: list[str], counts: list[int], height: float, color: str, share: bool, xlabel: str, empty: str
+) -> bytes:
     """Horizontal bars, first label on top, each annotated with its count (and its share of the top)."""
     fig = Figure(figsize=(8, height), layout="constrained")
     ax = fig.add_subplot()

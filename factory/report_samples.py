@@ -1,11 +1,11 @@
-"""Samples for the report's grids: a few accepted ones read from committed tars, rejected ones from stats.
+"""Samples for the report's grids: a few accepted ones read from committed tars, and rejected ones.
 
 Accepted samples come from the head of a handful of evenly spaced committed shards, streamed
 through fsspec so only those bytes are read (an s3:// tar is not downloaded whole). Rejected
-samples are never written (the shard writer keeps only accepted ones, and the stats marker
-holds only their keys per reason), so their cards show key, reason and shard, plus the fault
-injected into them when MIFA_INJECT did; their images would have to be regenerated, which a
-report must not do.
+candidates never enter the corpus; each shard keeps the first `build.rejected_samples` of every
+reason, whole (image once generated, prompt, labels, scores), in its small rejected/NAME.tar, and
+the grid reads those of a few shards. Shards without that file (0 kept, or older builds) give
+keys only, from the stats marker's `rejected_examples`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 THUMB_PX = 160  # larger images are shrunk, so a report of 512 px samples stays small
 
 
-def spread(items: list[str], k: int) -> list[str]:
+def spread(items: list[Any], k: int) -> list[Any]:
     """Up to k items evenly spaced over the list (first and last included), in order."""
     if k <= 0 or not items:
         return []
@@ -132,17 +132,61 @@ def accepted_samples(layout: Layout, names: list[str], count: int, with_images: 
     return out
 
 
-def rejected_samples(stats: dict[str, dict[str, Any]], per_reason: int) -> list[dict[str, Any]]:
-    """Up to `per_reason` rejected keys per reason, spread over shards, with any fault injected into them."""
-    by_reason: dict[str, list[tuple[str, str]]] = {}
-    for name in sorted(stats):
+def _read_kept(layout: Layout, name: str) -> list[dict[str, Any]]:
+    """The kept rejected candidates of one committed shard (KEY.json and image), in write order."""
+    path = layout.rejected_tar(name)
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        with layout.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _split(m.name)
+                data = tf.extractfile(m).read()  # type: ignore[union-attr]
+                s = found.setdefault(key, {"key": key})
+                if ext == "json":
+                    s["meta"] = json.loads(data)
+                elif ext in IMAGE_EXTS:
+                    s["image"], s["ext"] = data, ext
+    except (OSError, tarfile.TarError, EOFError, json.JSONDecodeError) as err:
+        log.warning("rejected grid: skipping %s (%s); `factory verify %s` checks it", path, err, layout.out)
+        return []
+    return [s for s in found.values() if "meta" in s]
+
+
+def rejected_samples(
+    layout: Layout, stats: dict[str, dict[str, Any]], per_reason: int, with_images: bool
+) -> list[dict[str, Any]]:
+    """Up to `per_reason` rejected candidates per reason, spread over shards, with any fault injected into them."""
+    if per_reason <= 0:
+        return []
+    names = sorted(stats)
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for name in spread([n for n in names if (stats[n].get("files") or {}).get("rejected")], 2 * per_reason):
+        for s in _read_kept(layout, name):
+            meta = s["meta"]
+            card = _labels(meta) | {"shard": name, "reason": meta.get("reason", "?")}
+            card["no_image"] = "not generated (rejected before the generator)"
+            if with_images and "image" in s:
+                card["image"] = thumbnail_uri(s["image"], s["ext"])
+            by_reason.setdefault(card["reason"], []).append(card)
+    kept = set(by_reason)
+    for name in names:  # keys only, for reasons no kept file covers
         for reason, keys in (stats[name].get("rejected_examples") or {}).items():
-            by_reason.setdefault(reason, []).extend((name, k) for k in keys[:per_reason])
+            if reason not in kept:
+                by_reason.setdefault(reason, []).extend(
+                    {
+                        "key": k,
+                        "shard": name,
+                        "reason": reason,
+                        "aus": [],
+                        "no_image": "not kept (build.rejected_samples)",
+                    }
+                    for k in keys[:per_reason]
+                )
     out = []
-    for reason, pairs in by_reason.items():
-        picked = spread([f"{n}\0{k}" for n, k in pairs], per_reason)
-        for item in picked:
-            name, key = item.split("\0")
-            injected = [kind for kind, ks in (stats[name].get("injected") or {}).items() if key in ks]
-            out.append({"key": key, "shard": name, "reason": reason, "injected": injected})
+    for cards in by_reason.values():
+        for card in spread(cards, per_reason):
+            injected = [kind for kind, ks in (stats[card["shard"]].get("injected") or {}).items() if card["key"] in ks]
+            out.append(card | {"injected": injected})
     return out

@@ -69,10 +69,24 @@ def run_shard(
     examples: dict[str, list[str]] = {r: [] for r in REASONS}
     injected_keys: dict[str, list[str]] = {}
 
-    def reject(reason: str, key: str) -> None:
+    kept: Counter[str] = Counter()
+
+    def reject(
+        reason: str,
+        cand: Candidate,
+        expansion: Any,
+        result: GenerationResult | None = None,
+        j: int = -1,
+        **scores: float,
+    ) -> None:
+        """Count a rejection under its reason; keep its key, and the first few whole, for inspection."""
         rejected[reason] += 1
         if len(examples[reason]) < REJECTED_EXAMPLES:
-            examples[reason].append(key)
+            examples[reason].append(cand.key)
+        if kept[reason] < cfg.build.rejected_samples:
+            kept[reason] += 1
+            meta, image = _rejected_sample(reason, cand, expansion, result, j, scores, thr, gen_tag, build_id)
+            writer.keep_rejected(cand.key, meta, image)
 
     timings: Counter[str] = Counter()
     expand_stats = None
@@ -102,7 +116,7 @@ def run_shard(
             t = time.perf_counter()
             prompt_ok = np.array([e.jaccard >= cfg.expand.tau for e in expansions])
             for i in np.flatnonzero(~prompt_ok):
-                reject("prompt_target_jaccard", cands[i].key)
+                reject("prompt_target_jaccard", cands[i], expansions[i], prompt_target_jaccard=expansions[i].jaccard)
             timings["checks"] += time.perf_counter() - t
 
             # generate
@@ -141,30 +155,31 @@ def run_shard(
                 faults.check("checks", index)
                 gen_occ = result.occurrence_prob >= 0.5
                 for j, i in enumerate(todo):
-                    key = cands[i].key
+                    cand, exp = cands[i], expansions[i]
                     if not valid[j]:
-                        reject("invalid_image", key)
+                        reject("invalid_image", cand, exp, result, j)
                         continue
                     if det is not None and det.realism is not None and det.realism[det_row[j]] < cfg.checks.realism:
-                        reject("realism", key)
+                        reject("realism", cand, exp, result, j, realism=det.realism[det_row[j]])
                         continue
-                    prompt_occ = np.asarray(expansions[i].parsed) >= thr
-                    if jaccard(prompt_occ, gen_occ[j]) < cfg.checks.label_prompt_jaccard:
-                        reject("label_prompt_jaccard", key)
+                    prompt_occ = np.asarray(exp.parsed) >= thr
+                    lp = jaccard(prompt_occ, gen_occ[j])
+                    if lp < cfg.checks.label_prompt_jaccard:
+                        reject("label_prompt_jaccard", cand, exp, result, j, label_prompt_jaccard=lp)
                         continue
                     if det is not None:
                         c, r = det.consensus, det_row[j]
-                        if label_consensus_jaccard(gen_occ[j], c.occurrence[r], c.agree[r]) < (
-                            cfg.checks.label_consensus_jaccard
-                        ):
-                            reject("label_consensus_jaccard", key)
+                        lc = label_consensus_jaccard(gen_occ[j], c.occurrence[r], c.agree[r])
+                        if lc < cfg.checks.label_consensus_jaccard:
+                            reject("label_consensus_jaccard", cand, exp, result, j, label_consensus_jaccard=lc)
                             continue
                     passed[i] = True
                 timings["checks"] += time.perf_counter() - t
 
             keep = sampler.record(cands, passed)
+            row_of = {int(i): j for j, i in enumerate(todo)}  # candidate -> row of `result`
             for i in np.flatnonzero(passed & ~keep):
-                reject("over_quota", cands[i].key)
+                reject("over_quota", cands[i], expansions[i], result, row_of[int(i)])
 
             # write
             t = time.perf_counter()
@@ -340,6 +355,49 @@ def _write_sample(
     per_au["target_int"] += target
     per_au["occ"] += occ
     per_au["int"] += intensity
+
+
+def _rejected_sample(
+    reason: str,
+    cand: Candidate,
+    expansion: Any,
+    result: GenerationResult | None,
+    j: int,
+    scores: dict[str, float],
+    thr: int,
+    gen_tag: str,
+    build_id: str,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """KEY.json of a kept rejected candidate (as an accepted sample's, plus `reason`) and its image, if any."""
+    meta: dict[str, Any] = {
+        "key": cand.key,
+        "reason": reason,
+        "shard": cand.shard,
+        "candidate": cand.index,
+        "seed": cand.seed,
+        "emotion": cand.emotion,
+        "strength": cand.strength,
+        "prompt": expansion.text,
+        "target": {"intensity": cand.intensity.astype(int).tolist()},
+        "prompt_aus": list(map(int, expansion.parsed)),
+        "identity": cand.identity.model_dump(mode="json"),
+        "scores": {k: round(float(v), 6) for k, v in scores.items()},
+        "provenance": {"generator": gen_tag, "build_id": build_id},
+    }
+    image = None
+    if result is not None and j >= 0:
+        inten, prob = result.intensity[j], result.occurrence_prob[j]
+        if np.isfinite(inten).all() and np.isfinite(prob).all():
+            meta["labels"] = {
+                "intensity": [round(float(x), 4) for x in inten],
+                "occurrence": (prob >= 0.5).astype(int).tolist(),
+                "occurrence_prob": [round(float(x), 4) for x in prob],
+                "occurrence_threshold": thr,
+            }
+        img = result.images[j]
+        if img.dtype == np.uint8:  # a NaN image (float) has nothing to show
+            image = img
+    return meta, image
 
 
 def _json(obj: Any) -> str:

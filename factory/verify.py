@@ -62,6 +62,17 @@ def verify_shard(layout: Layout, name: str, stats: dict, expected_size: int, rep
             tar_keys = _check_tar(name, data, stats, report)
         else:
             _check_parquet(name, data, tar_keys, report)
+    kept = files.get("rejected")
+    if kept:  # the few rejected candidates kept for inspection: checked for integrity, not counted
+        path = layout.rejected_tar(name)
+        if not layout.fs.exists(path):
+            report.add(name, f"rejected-samples tar missing: {path}")
+        else:
+            sha, size, _ = _sha256(layout, path)
+            if sha != kept.get("sha256") or size != kept.get("bytes"):
+                report.add(
+                    name, f"rejected-samples tar checksum mismatch ({size} bytes, marker says {kept.get('bytes')})"
+                )
     if stats.get("samples") != expected_size:
         report.add(name, f"marker counts {stats.get('samples')} samples, the plan {expected_size}")
     if tar_keys and len(tar_keys) != expected_size:

@@ -118,6 +118,7 @@ class ShardWriter:
         self.image_format = image_format
         self.jpg_quality = jpg_quality
         self.rows: list[dict[str, Any]] = []
+        self.rejected: list[dict[str, Any]] = []
         # filesystem: a temporary name, renamed at commit; object store: the final key (see above)
         self._dest_tar = layout.tar(name) if layout.is_object_store else layout.temp_path(layout.tar(name))
         self._file = layout.fs.open(self._dest_tar, "wb")
@@ -139,8 +140,26 @@ class ShardWriter:
         self._tar.write(sample)
         self.rows.append(row)
 
+    def keep_rejected(self, key: str, meta: dict[str, Any], image: np.ndarray | None) -> None:
+        """Keep a rejected candidate for inspection (the report's grid): KEY.json and, once generated, its image.
+
+        They go to OUT/rejected/NAME.tar at commit, outside shards/, so no reader of the corpus can
+        mistake them for samples; the caller bounds how many.
+        """
+        sample: dict[str, Any] = {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode()}
+        if image is not None:
+            sample[self.image_format] = encode_image(image, self.image_format, self.jpg_quality)
+        self.rejected.append(sample)
+
+    def _rejected_tar(self) -> bytes:
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, encoder=False, mtime=0.0, user="mifa", group="mifa", mode=0o444) as tw:
+            for sample in self.rejected:
+                tw.write(sample)
+        return buf.getvalue()
+
     def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """Tar, then parquet, then the stats JSON marker; returns the stats as written."""
+        """Tar, then parquet (then the kept rejected samples), then the stats JSON marker; returns the stats."""
         fs = self.layout.fs
         self._tar.close()  # closes the tarfile; our wrapper and the real file stay open
         _fsync(self._file)
@@ -157,15 +176,21 @@ class ShardWriter:
         parquet_bytes = buf.getvalue()
         self.layout.write_bytes_atomic(self.layout.parquet(self.name), parquet_bytes)
 
+        files = {
+            "tar": {"sha256": self._hash.sha.hexdigest(), "bytes": self._hash.size},
+            "parquet": {"sha256": hashlib.sha256(parquet_bytes).hexdigest(), "bytes": len(parquet_bytes)},
+        }
+        if self.rejected:
+            data = self._rejected_tar()
+            self.layout.write_bytes_atomic(self.layout.rejected_tar(self.name), data)
+            files["rejected"] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": len(data),
+                "samples": len(self.rejected),
+            }
+
         stats = dict(stats)
-        stats.update(
-            committed=True,
-            samples=len(self.rows),
-            files={
-                "tar": {"sha256": self._hash.sha.hexdigest(), "bytes": self._hash.size},
-                "parquet": {"sha256": hashlib.sha256(parquet_bytes).hexdigest(), "bytes": len(parquet_bytes)},
-            },
-        )
+        stats.update(committed=True, samples=len(self.rows), files=files)
         self.layout.write_json_atomic(self.layout.stats(self.name), stats)
         return stats
 

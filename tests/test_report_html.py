@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,17 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not on PATH (.ci/run installs Debian's chromium)")
 def test_html_renders_every_section_and_image_in_chromium(corpus, tmp_path):
     html = tmp_path / "report.html"
-    p = factory("report", str(corpus), "--html", str(html), "--samples", "8", check=True)
-    assert f"wrote {html}" in p.stderr and "accepted 40/60" in p.stdout
+    p = factory("report", str(corpus), "--html", str(html), "--samples", "8", "--json", check=True)
+    assert f"wrote {html}" in p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["accepted"] == 40 and rep["target"] == 60
     text = html.read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text), "the report must not load external URLs"
     n_img = text.count("<img ")
-    assert n_img == PLOTS + 8  # every plot, and an image per accepted card
+    # rejected cards show their kept image: blank ones were generated, so they have one
+    rejected_images = [s for s in rep["samples"]["rejected"] if s.get("image")]
+    assert any(s["reason"] == "invalid_image" for s in rejected_images)
+    assert n_img == PLOTS + 8 + len(rejected_images)  # every plot, an image per accepted card and kept rejection
 
     dom = _chromium("--virtual-time-budget=10000", "--dump-dom", html.as_uri())
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -108,6 +114,18 @@ def test_json_figures_agree_with_the_parquets(corpus):
     rej = rep["samples"]["rejected"]
     assert rej and all(s["key"] not in keys for s in rej)
     assert any(s["reason"] == "invalid_image" and "blank" in s["injected"] for s in rej)
+    # kept rejected candidates are whole: prompt, identity and (once generated) the labels
+    assert all(s["prompt"] and s["emotion"] for s in rej)
+    assert all((corpus / "rejected" / f"{s['shard']}.tar").is_file() for s in rej)
+    with tarfile.open(corpus / "rejected" / "mifa-000000.tar") as tf:
+        metas = [json.load(tf.extractfile(m)) for m in tf if m.name.endswith(".json")]
+        pngs = {m.name.split(".")[0] for m in tf if m.name.endswith(".png")}
+    stats = json.loads((corpus / "shards" / "mifa-000000.stats.json").read_text())
+    assert len(metas) == stats["files"]["rejected"]["samples"] > 0
+    for m in metas:  # every one generated (the grammar prompts all pass): labels and image kept
+        assert m["key"] in stats["rejected_examples"][m["reason"]] and m["key"] in pngs
+        assert len(m["labels"]["intensity"]) == NUM_AUS and m["prompt"]
+    assert not list((corpus / "shards").glob("*rejected*"))
 
 
 def test_running_build_reads_only_committed_shards(corpus, tmp_path):

@@ -43,8 +43,11 @@ def test_report_on_s3_matches_local(local_build, bucket):
     assert remote["shards"] == local["shards"] == {"total": 3, "done": 3, "failed": 0, "pending": 0}
     assert remote["figures"] == local["figures"]
     assert [s["key"] for s in remote["samples"]["accepted"]] == [s["key"] for s in local["samples"]["accepted"]]
+    assert [s["key"] for s in remote["samples"]["rejected"]] == [s["key"] for s in local["samples"]["rejected"]]
+    kept = [s for s in remote["samples"]["rejected"] if s.get("image")]  # read from s3://.../rejected/
+    assert kept
     page = fs.cat(f"{BUCKET}/reports/report.html").decode()
-    assert page.count("<img ") == 7 + 4 and 'id="samples-accepted"' in page
+    assert page.count("<img ") == 7 + 4 + len(kept) and 'id="samples-accepted"' in page
 
     p = factory("report", f"s3://{BUCKET}/missing", env=env)
     assert p.returncode == 2 and "no build.json" in p.stderr

@@ -72,3 +72,28 @@ def test_duplicate_key_and_bad_format_are_errors(tmp_path):
     with pytest.raises(ValueError, match="use png or jpg"):
         encode_image(np.zeros((8, 8, 3), np.uint8), "gif")
     assert encode_image(np.zeros((8, 8, 3), np.uint8), "jpg")[:2] == b"\xff\xd8"
+
+
+def test_kept_rejected_samples_go_outside_the_corpus_before_the_marker(tmp_path, monkeypatch):
+    import hashlib
+
+    layout, w = _write(tmp_path)
+    img = np.full((8, 8, 3), 7, np.uint8)
+    w.keep_rejected("mifa-000000-0000009", {"key": "mifa-000000-0000009", "reason": "realism"}, img)
+    w.keep_rejected("mifa-000000-0000010", {"key": "mifa-000000-0000010", "reason": "prompt_target_jaccard"}, None)
+    order = []
+    real_mv = layout.fs.mv
+    monkeypatch.setattr(layout.fs, "mv", lambda a, b, **k: (order.append(b.split("/")[-2:]), real_mv(a, b, **k)))
+    stats = w.commit({"build_id": "x", "name": "mifa-000000"})
+    assert order == [["shards", "mifa-000000.tar"], ["shards", "mifa-000000.parquet"],
+                     ["rejected", "mifa-000000.tar"], ["shards", "mifa-000000.stats.json"]]  # fmt: skip
+    data = (tmp_path / "rejected" / "mifa-000000.tar").read_bytes()
+    assert stats["files"]["rejected"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "samples": 2}
+    got = list(wds.WebDataset(str(tmp_path / "rejected" / "mifa-000000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in got] == ["mifa-000000-0000009", "mifa-000000-0000010"]
+    assert "png" in got[0] and "png" not in got[1] and json.loads(got[1]["json"])["reason"] == "prompt_target_jaccard"
+    assert stats["samples"] == 3  # rejected ones are not samples of the shard
+    # a crash after the rejected tar but before the marker: the resume cleanup removes it too
+    (tmp_path / "shards" / "mifa-000000.stats.json").unlink()
+    removed = clean_uncommitted(layout, scan(layout, "x").committed)
+    assert str(tmp_path / "rejected" / "mifa-000000.tar") in removed and not list((tmp_path / "rejected").iterdir())
