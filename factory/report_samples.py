@@ -16,6 +16,7 @@ import json
 import logging
 import posixpath
 import tarfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -48,11 +49,13 @@ def _split(member: str) -> tuple[str, str]:
     return posixpath.join(d, stem) if d else stem, ext
 
 
-def read_head(layout: Layout, name: str, k: int) -> list[dict[str, Any]]:
-    """The first k complete samples (image + KEY.json) of a committed shard's tar, streamed."""
-    path = layout.tar(name)
-    found: dict[str, dict[str, Any]] = {}
-    done: list[dict[str, Any]] = []
+def _samples(layout: Layout, path: str, what: str) -> Iterator[dict[str, Any]]:
+    """Samples of a webdataset tar in order ({key, meta, image, ext} as present), streamed through fsspec.
+
+    A member of another key closes the sample before it, as in webdataset. An unreadable tar ends the
+    stream with a warning naming it: the grids are a view, and `factory verify` is the check.
+    """
+    current: dict[str, Any] | None = None
     try:
         with layout.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
             for m in tf:
@@ -61,18 +64,30 @@ def read_head(layout: Layout, name: str, k: int) -> list[dict[str, Any]]:
                 key, ext = _split(m.name)
                 if ext not in IMAGE_EXTS and ext != "json":
                     continue
+                if current is not None and current["key"] != key:
+                    yield current
+                    current = None
+                current = current or {"key": key}
                 data = tf.extractfile(m).read()  # type: ignore[union-attr]
-                s = found.setdefault(key, {"key": key})
                 if ext == "json":
-                    s["meta"] = json.loads(data)
+                    current["meta"] = json.loads(data)
                 else:
-                    s["image"], s["ext"] = data, ext
-                if "meta" in s and "image" in s:
-                    done.append(found.pop(key))
-                    if len(done) >= k:
-                        break
+                    current["image"], current["ext"] = data, ext
     except (OSError, tarfile.TarError, EOFError, json.JSONDecodeError) as err:
-        log.warning("sample grid: skipping %s (%s); `factory verify %s` checks it", path, err, layout.out)
+        log.warning("%s grid: skipping the rest of %s (%s); `factory verify %s` checks it", what, path, err, layout.out)
+        return
+    if current is not None:
+        yield current
+
+
+def read_head(layout: Layout, name: str, k: int) -> list[dict[str, Any]]:
+    """The first k complete samples (image + KEY.json) of a committed shard's tar, streamed."""
+    done: list[dict[str, Any]] = []
+    for s in _samples(layout, layout.tar(name), "sample"):
+        if "meta" in s and "image" in s:
+            done.append(s)
+            if len(done) >= k:
+                break
     return done
 
 
@@ -133,25 +148,8 @@ def accepted_samples(layout: Layout, names: list[str], count: int, with_images: 
 
 
 def _read_kept(layout: Layout, name: str) -> list[dict[str, Any]]:
-    """The kept rejected candidates of one committed shard (KEY.json and image), in write order."""
-    path = layout.rejected_tar(name)
-    found: dict[str, dict[str, Any]] = {}
-    try:
-        with layout.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key, ext = _split(m.name)
-                data = tf.extractfile(m).read()  # type: ignore[union-attr]
-                s = found.setdefault(key, {"key": key})
-                if ext == "json":
-                    s["meta"] = json.loads(data)
-                elif ext in IMAGE_EXTS:
-                    s["image"], s["ext"] = data, ext
-    except (OSError, tarfile.TarError, EOFError, json.JSONDecodeError) as err:
-        log.warning("rejected grid: skipping %s (%s); `factory verify %s` checks it", path, err, layout.out)
-        return []
-    return [s for s in found.values() if "meta" in s]
+    """The kept rejected candidates of one committed shard (KEY.json and, if generated, the image)."""
+    return [s for s in _samples(layout, layout.rejected_tar(name), "rejected") if "meta" in s]
 
 
 def rejected_samples(

@@ -305,27 +305,10 @@ def _write_sample(
             "detectors": _json(raw),
         }
     identity = cand.identity.model_dump(mode="json")
-    meta = {
-        "key": cand.key,
-        "shard": cand.shard,
-        "candidate": cand.index,
-        "seed": cand.seed,
-        "emotion": cand.emotion,
-        "strength": cand.strength,
-        "prompt": expansion.text,
-        "expander": expansion.expander,
-        "expand_fallback": expansion.fallback,
-        "target": {"intensity": target.tolist(), "occurrence": (target >= thr).astype(int).tolist()},
-        "labels": {
-            "intensity": [round(float(x), 4) for x in intensity],
-            "occurrence": occ.astype(int).tolist(),
-            "occurrence_prob": [round(float(x), 4) for x in result.occurrence_prob[j]],
-            "occurrence_threshold": thr,
-        },
-        "prompt_aus": list(map(int, expansion.parsed)),
+    meta = _candidate_meta(cand, expansion, thr) | {
+        "labels": _labels_meta(intensity, result.occurrence_prob[j], thr),
         "consensus": consensus_meta,
         "detectors": json.loads(row_det["detectors"]) if row_det["detectors"] else None,
-        "identity": identity,
         "scores": scores,
         "provenance": {"generator": gen_tag, "build_id": build_id},
     }
@@ -357,6 +340,35 @@ def _write_sample(
     per_au["int"] += intensity
 
 
+def _candidate_meta(cand: Candidate, expansion: Any, thr: int) -> dict[str, Any]:
+    """KEY.json's account of a candidate before generation: who, what was asked, and the prompt."""
+    target = cand.intensity.astype(np.int64)
+    return {
+        "key": cand.key,
+        "shard": cand.shard,
+        "candidate": cand.index,
+        "seed": cand.seed,
+        "emotion": cand.emotion,
+        "strength": cand.strength,
+        "prompt": expansion.text,
+        "expander": expansion.expander,
+        "expand_fallback": expansion.fallback,
+        "target": {"intensity": target.tolist(), "occurrence": (target >= thr).astype(int).tolist()},
+        "prompt_aus": list(map(int, expansion.parsed)),
+        "identity": cand.identity.model_dump(mode="json"),
+    }
+
+
+def _labels_meta(intensity: np.ndarray, occurrence_prob: np.ndarray, thr: int) -> dict[str, Any]:
+    """The generator's labels as KEY.json keeps them (occurrence: its head's probability >= 0.5)."""
+    return {
+        "intensity": [round(float(x), 4) for x in intensity],
+        "occurrence": (occurrence_prob >= 0.5).astype(int).tolist(),
+        "occurrence_prob": [round(float(x), 4) for x in occurrence_prob],
+        "occurrence_threshold": thr,
+    }
+
+
 def _rejected_sample(
     reason: str,
     cand: Candidate,
@@ -369,18 +381,8 @@ def _rejected_sample(
     build_id: str,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """KEY.json of a kept rejected candidate (as an accepted sample's, plus `reason`) and its image, if any."""
-    meta: dict[str, Any] = {
-        "key": cand.key,
+    meta = _candidate_meta(cand, expansion, thr) | {
         "reason": reason,
-        "shard": cand.shard,
-        "candidate": cand.index,
-        "seed": cand.seed,
-        "emotion": cand.emotion,
-        "strength": cand.strength,
-        "prompt": expansion.text,
-        "target": {"intensity": cand.intensity.astype(int).tolist()},
-        "prompt_aus": list(map(int, expansion.parsed)),
-        "identity": cand.identity.model_dump(mode="json"),
         "scores": {k: round(float(v), 6) for k, v in scores.items()},
         "provenance": {"generator": gen_tag, "build_id": build_id},
     }
@@ -388,12 +390,7 @@ def _rejected_sample(
     if result is not None and j >= 0:
         inten, prob = result.intensity[j], result.occurrence_prob[j]
         if np.isfinite(inten).all() and np.isfinite(prob).all():
-            meta["labels"] = {
-                "intensity": [round(float(x), 4) for x in inten],
-                "occurrence": (prob >= 0.5).astype(int).tolist(),
-                "occurrence_prob": [round(float(x), 4) for x in prob],
-                "occurrence_threshold": thr,
-            }
+            meta["labels"] = _labels_meta(inten, prob, thr)
         img = result.images[j]
         if img.dtype == np.uint8:  # a NaN image (float) has nothing to show
             image = img
