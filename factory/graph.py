@@ -260,6 +260,7 @@ def _shard_task(
         attempt=attempt,
         generator_info=info,
         detect=(lambda images: ray.get(detector.detect.remote(images))) if detector is not None else None,
+        node={"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()},
     )
 
 
@@ -326,7 +327,10 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
             except ray.exceptions.RayActorError as err:
                 raise ModelLoadError(f"the detector actors could not load their models: {_actor_cause(err)}") from None
         info = ray.get(actors[0].info.remote())
-        task = ray.remote(_shard_task).options(num_cpus=rt.shard_task_cpus, max_retries=2, retry_exceptions=False)
+        # No Ray-level retries: a shard whose node or worker dies comes back here as an error and is
+        # re-submitted with attempt + 1, so its stats record every attempt it took (Ray retries
+        # would re-run it silently under the same attempt number).
+        task = ray.remote(_shard_task).options(num_cpus=rt.shard_task_cpus, max_retries=0)
         cfg_ref = ray.put(cfg_dict)
         max_in_flight = rt.max_shards_in_flight or 2 * rt.num_generators
         in_flight: dict[Any, tuple[int, int]] = {}

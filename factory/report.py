@@ -68,6 +68,12 @@ def _check_markers(b: Build) -> list[str]:
     return notes
 
 
+def _node(s: dict[str, Any]) -> str:
+    """A shard's node as the report names it: the hostname, and Ray's node IP where several share one."""
+    host = str(s.get("node", "?"))
+    return f"{host} ({s['node_ip']})" if s.get("node_ip") else host
+
+
 def _stats_sums(stats: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-shard stats summed: rejections, funnel, per-AU sums, marginal balance, expand, nodes."""
     rejected: dict[str, int] = defaultdict(int)
@@ -90,7 +96,7 @@ def _stats_sums(stats: list[dict[str, Any]]) -> dict[str, Any]:
         for k, v in s.get("expand", {}).items():
             if isinstance(v, (int, float)):
                 expand[k] += v
-        node = by_node[s.get("node", "?")]
+        node = by_node[_node(s)]
         node["samples"] += int(s["samples"])
         node["shards"] += 1
         node["busy_s"] += float(s["timings"]["end"] - s["timings"]["start"])
@@ -122,7 +128,7 @@ def _timeline(stats: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
     t0 = min(float(s["timings"]["start"]) for s in stats)
     nodes: dict[str, list[list[float]]] = defaultdict(list)
     for s in sorted(stats, key=lambda s: float(s["timings"]["end"])):
-        pts = nodes[s.get("node", "?")]
+        pts = nodes[_node(s)]
         prev = pts[-1][1] if pts else 0
         pts.append([round(float(s["timings"]["end"]) - t0, 3), prev + int(s["samples"])])
     return dict(nodes)

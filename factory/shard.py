@@ -50,8 +50,13 @@ def run_shard(
     attempt: int = 1,
     generator_info: dict[str, str] | None = None,
     detect: DetectFn | None = None,
+    node: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Fill, write and commit shard `index`; returns its stats (the commit marker's content)."""
+    """Fill, write and commit shard `index`; returns its stats (the commit marker's content).
+
+    `node` (Ray's node id and IP when run as a Ray task) goes into the stats next to the hostname:
+    several Ray nodes may share one hostname (containers, network namespaces).
+    """
     t0 = time.time()
     layout = Layout(out)
     plan = Plan(cfg)
@@ -215,6 +220,7 @@ def run_shard(
             "generator": gen_tag,
             "detect": {"enabled": cfg.detect.enabled, "min_agree": cfg.detect.min_agree},
             "node": socket.gethostname(),
+            **(node or {}),
             "attempt": attempt,
         }
         if injected_keys:
