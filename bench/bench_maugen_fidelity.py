@@ -33,6 +33,43 @@ from pipelines.prompts.targets import random_requests  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
 
 
+def fidelity(
+    checkpoint: str, n: int = 32, steps: int = 25, scheduler: str = "ddim", guidance: float = 3.0
+) -> tuple[dict[str, float], np.ndarray]:
+    """Sample `n` held-out identities with random grammar prompts; (numbers, images)."""
+    pipe = MAUGenPipeline.from_pretrained(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    people = identities(n, "heldout", seed=3)
+    exemplars, masks = PuppetRenderer(size=size).exemplars(people)
+    requests = random_requests(n, seed=11)
+    targets = np.array([r.intensity for r in requests]) >= 2
+    t = time.perf_counter()
+    out = pipe(
+        [grammar_expand(r) for r in requests],
+        exemplars,
+        num_inference_steps=steps,
+        mask_image=masks,
+        guidance_scale=guidance,
+        generator=[torch.Generator().manual_seed(i) for i in range(n)],
+    )
+    rate = n / (time.perf_counter() - t)
+    panel = DetectorPanel(["builtin:au-cnn", "builtin:au-resnet", "builtin:au-vit"], 2, realism="builtin:realism")
+    det = panel.detect(out.images)
+    labels = out.au_occurrence >= 0.5
+    consensus = det.consensus.occurrence
+    numbers = {
+        "f1_labels_vs_targets": f1_per_au(targets, labels).mean,
+        "f1_labels_vs_consensus": f1_per_au(consensus, labels).mean,
+        "f1_targets_vs_consensus": f1_per_au(consensus, targets).mean,
+        "realism_mean": float(np.mean(det.realism)),
+        "realism_accepted": float(np.mean(det.realism >= 0.5)),
+        "images_per_s": rate,
+    }
+    return numbers, out.images
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="saved MAUGenPipeline directory")
@@ -45,39 +82,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    pipe = MAUGenPipeline.from_pretrained(args.checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    people = identities(args.n, "heldout", seed=3)
-    exemplars, masks = PuppetRenderer(size=size).exemplars(people)
-    requests = random_requests(args.n, seed=11)
-    targets = np.array([r.intensity for r in requests]) >= 2
-    t = time.perf_counter()
-    out = pipe(
-        [grammar_expand(r) for r in requests],
-        exemplars,
-        num_inference_steps=args.steps,
-        mask_image=masks,
-        guidance_scale=args.guidance,
-        generator=[torch.Generator().manual_seed(i) for i in range(args.n)],
-    )
-    rate = args.n / (time.perf_counter() - t)
-    panel = DetectorPanel(["builtin:au-cnn", "builtin:au-resnet", "builtin:au-vit"], 2, realism="builtin:realism")
-    det = panel.detect(out.images)
-    labels = out.au_occurrence >= 0.5
-    consensus = det.consensus.occurrence
+    r, images = fidelity(args.checkpoint, args.n, args.steps, args.scheduler, args.guidance)
     print(
         f"{args.checkpoint}: {args.n} held-out identities, {args.scheduler} {args.steps} steps, "
         f"guidance {args.guidance}, {args.threads} threads"
     )
-    print(f"F1 labels vs prompt targets   {f1_per_au(targets, labels).mean:.3f}")
-    print(f"F1 labels vs consensus        {f1_per_au(consensus, labels).mean:.3f}")
-    print(f"F1 prompt targets vs consensus {f1_per_au(consensus, targets).mean:.3f}")
-    print(f"realism mean {float(np.mean(det.realism)):.3f}, accepted (>= 0.5) {float(np.mean(det.realism >= 0.5)):.2f}")
-    print(f"generator {rate:.2f} images/s")
+    print(f"F1 labels vs prompt targets   {r['f1_labels_vs_targets']:.3f}")
+    print(f"F1 labels vs consensus        {r['f1_labels_vs_consensus']:.3f}")
+    print(f"F1 prompt targets vs consensus {r['f1_targets_vs_consensus']:.3f}")
+    print(f"realism mean {r['realism_mean']:.3f}, accepted (>= 0.5) {r['realism_accepted']:.2f}")
+    print(f"generator {r['images_per_s']:.2f} images/s")
     if args.grid:
-        rows = [np.concatenate(list(out.images[i : i + 8]), 1) for i in range(0, min(32, args.n) - 7, 8)]
+        rows = [np.concatenate(list(images[i : i + 8]), 1) for i in range(0, min(32, args.n) - 7, 8)]
         Image.fromarray(np.concatenate(rows, 0)).save(args.grid)
 
 

@@ -16,7 +16,7 @@ from conftest import FAST, factory
 
 from pipelines.maugen import ConditionalLabelDecoder, MAUGenConfig, MAUGenPipeline, build_pipeline, core, losses
 from pipelines.maugen.build import SD15_TEXT, build_word_tokenizer, load_identity_encoder, prompt_corpus, sd15_on_meta
-from pipelines.maugen.builtin import MODELS_DIR, checkpoint_hash
+from pipelines.maugen.builtin import checkpoint_hash
 from pipelines.maugen.data import PuppetFaceDataset
 from pipelines.maugen.label_decoder import IdentityDecouplingModule, PurifiedCrossAttention
 from pipelines.maugen.train import TrainConfig, Trainer
@@ -568,12 +568,14 @@ def test_build_with_the_maugen_generator(tmp_path, micro_checkpoint):
     p = factory("build", "--target", "6", "--out", str(tmp_path / "out3"), *FAST, *args[:2],
                 "--set", "maugen.checkpoint=builtin:nope")
     assert p.returncode == 2 and "not a built-in checkpoint; built-in: builtin:tiny-puppet" in p.stderr, p.stderr[-2000:]
-    # the embedded checkpoint is named by the default config; until it is trained and shipped
-    # (issue 6), asking for it says how to rebuild it, before OUT is touched
-    if not (MODELS_DIR / "tiny-puppet" / "model_index.json").is_file():
-        p = factory("build", "--target", "6", "--out", str(tmp_path / "out4"), *FAST, *args[:2])
-        assert p.returncode == 2 and "factory train --config pipelines/maugen/configs/tiny-puppet.yaml" in p.stderr
-        assert not (tmp_path / "out4").exists()
+
+
+def test_a_missing_builtin_checkpoint_names_the_command_that_rebuilds_it(tmp_path, monkeypatch):
+    from pipelines.maugen import builtin
+
+    monkeypatch.setattr(builtin, "MODELS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="factory train --config pipelines/maugen/configs/tiny-puppet.yaml"):
+        builtin.resolve_checkpoint("builtin:tiny-puppet")
 
 
 def test_schedulers_from_diffusers_swap_in(pipe, people):

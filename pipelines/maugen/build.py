@@ -47,6 +47,12 @@ class MAUGenConfig(BaseModel):
     latent: Literal["pixel", "vae"] = Field(
         "pixel", description="tiny: diffuse on pixels, or on a fresh tiny VAE's latents"
     )
+    patch_size: int = Field(
+        1,
+        ge=1,
+        description="pixel latent: fold p x p pixel patches into 3 p^2 channels (lossless; the UNet runs on "
+        "image_size / p, so p=2 makes a CPU step about 4x cheaper)",
+    )
     inpainting: bool = Field(True, description="UNet input [x_t, face mask, masked exemplar] as SD-inpainting")
     block_out_channels: tuple[int, ...] = (32, 48, 64, 96)
     attention_levels: tuple[bool, ...] = (False, False, True, True)
@@ -229,8 +235,11 @@ def build_pipeline(cfg: MAUGenConfig, seed: int = 0) -> MAUGenPipeline:
         )
     )
     vae = tiny_vae(cfg.image_size) if cfg.latent == "vae" else None
-    latent_channels = 4 if vae is not None else 3
-    sample_size = cfg.image_size // (4 if vae is not None else 1)
+    scale = 4 if vae is not None else cfg.patch_size
+    if cfg.image_size % scale:
+        raise ValueError(f"model.image_size {cfg.image_size} must be a multiple of {scale} (the latent's scale)")
+    latent_channels = 4 if vae is not None else 3 * cfg.patch_size**2
+    sample_size = cfg.image_size // scale
     unet = tiny_unet(cfg, latent_channels, sample_size)
     return MAUGenPipeline.assemble(
         unet,

@@ -124,6 +124,13 @@ def is_inpainting(unet: nn.Module, latent_channels: int) -> bool:
     )
 
 
+def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """The face mask at the diffusion resolution: the face's share of each latent cell (training and sampling alike)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask, size=tuple(size), mode="area")
+
+
 def unet_input(
     x_t: torch.Tensor, mask: torch.Tensor | None, masked: torch.Tensor | None, inpainting: bool
 ) -> torch.Tensor:

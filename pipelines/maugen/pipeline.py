@@ -4,7 +4,8 @@ A `DiffusionPipeline` with registered modules, so `save_pretrained` / `from_pret
 local directory like any diffusers pipeline:
 
     unet             UNet2DConditionModel: the MRL (down path) and the DIG's image branch (up path)
-    vae              AutoencoderKL, or None for a pixel-space model (the tiny puppet configuration)
+    vae              AutoencoderKL, or None for a pixel-space model (the tiny puppet configuration, which
+                     diffuses 2x2 pixel patches folded into 12 channels: a quarter of the positions)
     text_encoder     transformers text model (CLIP for Stable Diffusion weights)
     tokenizer        its tokenizer
     identity_encoder image -> L2-normalised identity embedding (ArcFace-style)
@@ -161,29 +162,43 @@ class MAUGenPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ geometry
 
     @property
+    def patch_size(self) -> int:
+        """Pixel-space models fold p x p pixel patches into channels (UNet channels = 3 p^2); 1 = plain pixels."""
+        c = int(self.unet.config.out_channels)
+        p = int(round((c / 3) ** 0.5))
+        if 3 * p * p != c:
+            raise ValueError(
+                f"a pixel-space MAUGen's UNet must output 3 * p^2 channels (RGB in p x p patches), got {c}; "
+                "give the pipeline a VAE or rebuild the UNet"
+            )
+        return p
+
+    @property
     def vae_scale_factor(self) -> int:
         if self.vae is None:
-            return 1
+            return self.patch_size
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
-        return self.vae.config.latent_channels if self.vae is not None else 3
+        return self.vae.config.latent_channels if self.vae is not None else 3 * self.patch_size**2
 
     @property
     def inpainting(self) -> bool:
         return core.is_inpainting(self.unet, self.latent_channels)
 
     def encode_images(self, x: torch.Tensor, generator=None) -> torch.Tensor:
-        """Images in [-1, 1] -> the diffusion space (VAE latents, or the pixels themselves)."""
+        """Images in [-1, 1] -> the diffusion space (VAE latents, or the pixels folded into p x p patches)."""
         if self.vae is None:
-            return x
+            p = self.patch_size
+            return F.pixel_unshuffle(x, p) if p > 1 else x
         dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
         return dist.sample(generator) * self.vae.config.scaling_factor
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
-            return z
+            p = self.patch_size
+            return F.pixel_shuffle(z, p) if p > 1 else z
         return self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
     def language_init_(self) -> None:
@@ -237,7 +252,7 @@ class MAUGenPipeline(DiffusionPipeline):
                 )
             mask = to_mask_tensor(mask_image, b, size).to(device)
             masked_l = self.encode_images(ident * (1.0 - mask), generator=None).to(dtype)
-            mask_l = F.interpolate(mask, size=(height // sf, width // sf), mode="nearest").to(dtype)
+            mask_l = core.latent_mask(mask, (height // sf, width // sf)).to(dtype)
 
         shape = (b, self.latent_channels, height // sf, width // sf)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma

@@ -117,6 +117,13 @@ class TrainConfig(BaseModel):
     weight_decay: float = 0.0
     warmup: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="EMA of the trained weights (diffusers EMAModel, warm-up 1-(1+step)^-2/3 up to this decay); "
+        "0 = off. The saved pipelines (final, checkpoints/*/pipeline-ema) carry the EMA weights",
+    )
     train_text_encoder: bool = Field(True, description="tiny models train their text encoder; SD keeps CLIP frozen")
     checkpoint_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -229,6 +236,11 @@ class Trainer:
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.params = params
         self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.ema = None
+        if cfg.ema_decay > 0:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True)
         self.mrl_conv = losses.mrl_last_conv(self.pipe.unet)
         self.active = self._active_losses()
         self.panel = None
@@ -327,7 +339,7 @@ class Trainer:
             id_emb = core.embed_identity(pipe.identity_encoder, exemplar)
             z0 = pipe.encode_images(x0)
             masked = pipe.encode_images(exemplar * (1.0 - mask)) if pipe.inpainting else None
-        mask_l = F.interpolate(mask, size=z0.shape[-2:], mode="area")
+        mask_l = core.latent_mask(mask, z0.shape[-2:])
         ctx = torch.enable_grad() if (train and self.cfg.train_text_encoder) else torch.no_grad()
         with ctx:
             text, text_mask = core.encode_prompt(pipe.tokenizer, pipe.text_encoder, batch["prompt"], dev)
@@ -460,6 +472,8 @@ class Trainer:
         self.optimizer.step()
         self.lr_sched.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.params)
         self.step += 1
         rec = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
         rec |= {f"weight/{k}": float(w) for k, w in self.weights.items()}
@@ -474,9 +488,7 @@ class Trainer:
         main = self.accelerator.is_main_process
         self.out.mkdir(parents=True, exist_ok=True)
         if main:
-            (self.out / "train_config.yaml").write_text(
-                yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False)
-            )
+            (self.out / "train_config.yaml").write_text(self.config_yaml())
         self.resume()
         logf = (self.out / "train_log.jsonl").open("a") if (self.log_to_file and main) else None
         t0 = time.perf_counter()
@@ -511,14 +523,27 @@ class Trainer:
         self.save_checkpoint()
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.unwrapped_pipeline().save_pretrained(tmp)
+        self.save_pipeline(tmp, ema=True)
+        (tmp / "train_config.yaml").write_text(self.config_yaml())  # the recipe travels with the weights
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         log.info("saved %s", final)
         return final
 
-    def unwrapped_pipeline(self) -> MAUGenPipeline:
-        return self.pipe
+    def config_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False)
+
+    def save_pipeline(self, path: Path, ema: bool) -> None:
+        """Save the pipeline; with `ema` (and EMA on) its trained weights are the EMA's, then restored."""
+        if not (ema and self.ema is not None):
+            self.pipe.save_pretrained(path)
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            self.pipe.save_pretrained(path)
+        finally:
+            self.ema.restore(self.params)
 
     def checkpoints(self) -> list[Path]:
         root = self.out / "checkpoints"
@@ -534,6 +559,8 @@ class Trainer:
         tmp = root / f".step-{self.step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.pipe.save_pretrained(tmp / "pipeline")
+        if self.ema is not None:
+            self.save_pipeline(tmp / "pipeline-ema", ema=True)
         torch.save(
             {
                 "step": self.step,
@@ -541,6 +568,7 @@ class Trainer:
                 "lr_sched": self.lr_sched.state_dict(),
                 "weights": self.weights,
                 "consensus_cache": self._consensus_cache,
+                "ema": None if self.ema is None else self.ema.state_dict(),
             },
             tmp / "trainer.pt",
         )
@@ -571,6 +599,12 @@ class Trainer:
         self.lr_sched.load_state_dict(state["lr_sched"])
         self.weights = state["weights"]
         self._consensus_cache = state.get("consensus_cache", {})
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                log.warning("checkpoint %s has no EMA state: the EMA starts from its weights at step %s", ck, state["step"])
+                self.ema = type(self.ema)(self.params, decay=self.cfg.ema_decay, use_ema_warmup=True)
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", ck, self.step)
         return True
