@@ -120,7 +120,9 @@ class MAUGenGeneratorConfig(_Section):
     )
     steps: int = Field(25, ge=1, le=1000, description="denoising steps")
     guidance_scale: float = Field(3.0, ge=1.0, description="classifier-free guidance (1 = off)")
-    scheduler: Literal["ddim", "dpm"] = "ddim"
+    scheduler: Literal["ddim", "dpm", "ddpm"] = Field(
+        "ddim", description="diffusers scheduler; ddpm (ancestral) forgives an undertrained model's noise best"
+    )
     batch_size: int = Field(16, ge=1, description="images per pipeline call inside the actor")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="fp16/bf16 on GPU only")
@@ -197,7 +199,9 @@ class FactoryConfig(_Section):
     plan: PlanConfig = PlanConfig()
     expand: ExpandConfig = ExpandConfig()
     generator: Literal["puppet", "maugen"] = Field(
-        "puppet", description="puppet: the exact procedural renderer; maugen: a trained MAUGen (maugen.checkpoint)"
+        "puppet",
+        description="puppet: the exact procedural renderer (the test domain's ground truth); maugen: a trained "
+        "MAUGen (maugen.checkpoint, by default the shipped builtin:tiny-puppet, not yet the default: issue 6)",
     )
     puppet: PuppetConfig = PuppetConfig()
     maugen: MAUGenGeneratorConfig = MAUGenGeneratorConfig()

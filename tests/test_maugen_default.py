@@ -1,0 +1,149 @@
+"""The shipped MAUGen (builtin:tiny-puppet) and what its recipe needs: the 2x2 patch latent, EMA
+weights, the checkpoint's label fidelity on held-out identities, and a build through the whole graph.
+
+It is not yet the default generator (issue 6): its images do not yet clear the detectors and the
+realism discriminator often enough. The fidelity floors below are regression guards set under what
+the shipped weights measure (the note of the session that trained them has the numbers), not the
+issue's 0.90 target.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, factory
+from test_maugen import MICRO
+
+from detectors.data import identities
+from detectors.metrics import f1_per_au
+from detectors.panel import DetectorPanel
+from factory.config import load_config
+from pipelines.maugen import MAUGenConfig, MAUGenPipeline, build_pipeline
+from pipelines.maugen.builtin import BUILTIN_CHECKPOINTS, checkpoint_hash, resolve_checkpoint
+from pipelines.maugen.data import PuppetFaceDataset
+from pipelines.maugen.train import TrainConfig, Trainer
+from pipelines.prompts import grammar_expand
+from pipelines.prompts.targets import random_requests
+from pipelines.puppet import PuppetRenderer
+
+RECIPE = ROOT / BUILTIN_CHECKPOINTS["tiny-puppet"]
+#: Floors under the shipped weights' held-out numbers (regression guards; issue 6 aims at 0.90).
+LABEL_F1_BAR = 0.50  # measured 0.566 (48 held-out samples, these seeds); 0.43 at step 2000
+TARGET_F1_BAR = 0.50  # measured 0.563; 0.45 at step 2000
+REALISM_BAR = 0.25  # measured 0.40; 0.00 at step 2000
+#: The shipped model passes realism and the consensus check on about 1 candidate in 100, so this
+#: build lowers those two thresholds: every stage still runs (detect, consensus, realism scores,
+#: all checks), only fewer candidates are rejected. Raise them to the defaults once issue 6 is done.
+BUILD_SETS = ["--set", "checks.realism=0", "--set", "checks.label_consensus_jaccard=0", "--set", "build.max_oversample=8"]
+
+
+def test_patch_latent_folds_pixels_losslessly(tmp_path):
+    p = build_pipeline(MAUGenConfig(**MICRO, patch_size=2), seed=0)
+    p.set_progress_bar_config(disable=True)
+    assert (p.unet.config.in_channels, p.unet.config.out_channels, p.unet.config.sample_size) == (25, 12, 32)
+    assert p.vae_scale_factor == 2 and p.latent_channels == 12 and p.inpainting
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    z = p.encode_images(x)
+    assert z.shape == (2, 12, 32, 32)
+    assert torch.equal(p.decode_latents(z), x)
+    ds = PuppetFaceDataset(2, 2, split="heldout", seed=3, workers=1)
+    ex, masks = np.stack([ds[i].exemplar for i in range(2)]), np.stack([ds[i].mask for i in range(2)])
+    call = dict(num_inference_steps=2, mask_image=masks)
+    a = p([ds[i].prompt for i in range(2)], ex, generator=torch.Generator().manual_seed(1), **call)
+    assert a.images.shape == (2, 64, 64, 3)
+    # outside the face the output is the exemplar (inpainting composite)
+    outside = masks == 0
+    np.testing.assert_array_equal(a.images[outside], ex[outside])
+    p.save_pretrained(tmp_path / "m")
+    q = MAUGenPipeline.from_pretrained(tmp_path / "m")
+    q.set_progress_bar_config(disable=True)
+    assert q.vae_scale_factor == 2
+    b = q([ds[i].prompt for i in range(2)], ex, generator=torch.Generator().manual_seed(1), **call)
+    np.testing.assert_array_equal(a.images, b.images)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        build_pipeline(MAUGenConfig(**MICRO, patch_size=3), seed=0)
+
+
+def test_ema_weights_go_into_saved_pipelines_and_resume(tmp_path):
+    ds = PuppetFaceDataset(12, 3, split="train", seed=1, workers=1)
+    base = {"out": str(tmp_path / "run"), "batch_size": 4, "model": MICRO, "checkpoint_every": 2, "warmup": 0}
+    base |= {"ema_decay": 0.9, "losses": {"image_label": False, "mutual_train_prob": 0.0}, "lr": 1e-2}
+    tr = Trainer(TrainConfig(**base, steps=3), dataset=ds)
+    final = tr.fit()
+    ck = tr.checkpoints()[-1]
+    assert (ck / "pipeline-ema" / "model_index.json").is_file()
+    raw = {k: v.clone() for k, v in tr.pipe.unet.state_dict().items()}
+    saved = MAUGenPipeline.from_pretrained(final).unet.state_dict()
+    shadow = dict(zip([n for n, p in tr.modules.named_parameters() if p.requires_grad], tr.ema.shadow_params))
+    w = "conv_in.weight"
+    assert torch.allclose(saved[w], shadow[f"unet.{w}"]) and not torch.allclose(saved[w], raw[w])
+    # the training weights are restored after saving the EMA's
+    assert all(torch.equal(raw[k], v) for k, v in tr.pipe.unet.state_dict().items())
+    tr2 = Trainer(TrainConfig(**base, steps=5), dataset=ds)
+    assert tr2.resume() and tr2.step == 3 and tr2.ema.optimization_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(tr.ema.shadow_params, tr2.ema.shadow_params))
+
+
+def test_the_shipped_checkpoint_was_trained_by_its_recipe():
+    cfg = load_config(None, ["generator=maugen"])
+    assert cfg.maugen.checkpoint == "builtin:tiny-puppet"
+    path = resolve_checkpoint(cfg.maugen.checkpoint)
+    recipe = yaml.safe_load(RECIPE.read_text())
+    trained = yaml.safe_load((path / "train_config.yaml").read_text())
+    assert trained["model"] | recipe["model"] == trained["model"], "the shipped weights were not trained by the recipe"
+    assert trained["steps"] == recipe["steps"] and trained["data"] | recipe["data"] == trained["data"]
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    p = recipe["model"]["patch_size"]
+    assert unet["sample_size"] * p == recipe["model"]["image_size"] and unet["out_channels"] == 3 * p * p
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"the shipped checkpoint is {size / 2**20:.1f} MiB; keep it small"
+
+
+def test_shipped_checkpoint_labels_agree_with_independent_detectors_on_heldout_identities():
+    """The trained model, not random weights: on people it never saw, its labels match the consensus."""
+    pipe = MAUGenPipeline.from_pretrained(resolve_checkpoint("builtin:tiny-puppet"))
+    pipe.set_progress_bar_config(disable=True)
+    n = 48
+    people = identities(n, "heldout", seed=5)
+    exemplars, masks = PuppetRenderer(size=64).exemplars(people)
+    requests = random_requests(n, seed=17)
+    targets = np.array([r.intensity for r in requests]) >= 2
+    out = pipe(
+        [grammar_expand(r) for r in requests],
+        exemplars,
+        num_inference_steps=25,
+        mask_image=masks,
+        generator=[torch.Generator().manual_seed(i) for i in range(n)],
+    )
+    det = DetectorPanel(["builtin:au-cnn", "builtin:au-resnet", "builtin:au-vit"], 2, realism="builtin:realism").detect(
+        out.images
+    )
+    labels = out.au_occurrence >= 0.5
+    f1_labels = f1_per_au(det.consensus.occurrence, labels).mean
+    f1_targets = f1_per_au(det.consensus.occurrence, targets).mean
+    realism = float(np.mean(det.realism >= 0.5))
+    print(f"held-out: F1 labels vs consensus {f1_labels:.3f}, targets vs consensus {f1_targets:.3f}, realism {realism:.2f}")
+    assert f1_per_au(targets, labels).mean >= 0.85, "labels do not follow the prompt"
+    assert f1_labels >= LABEL_F1_BAR and f1_targets >= TARGET_F1_BAR and realism >= REALISM_BAR
+
+
+def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
+    out = tmp_path / "out"
+    args = ["--target", "16", "--shard-size", "8", "--out", str(out), "--set", "generator=maugen", *BUILD_SETS]
+    p = factory("build", *args, "--set", "runtime.object_store_mb=100", "--set", "runtime.progress=false")
+    assert p.returncode == 0, p.stderr[-3000:]
+    build = json.loads((out / "build.json").read_text())
+    assert build["config"]["generator"] == "maugen"
+    ck = resolve_checkpoint("builtin:tiny-puppet")
+    assert build["models"]["maugen:builtin:tiny-puppet"] == checkpoint_hash(ck)
+    stats = [json.loads(f.read_text()) for f in sorted((out / "shards").glob("*.stats.json"))]
+    assert sum(s["funnel"]["accepted"] for s in stats) == 16
+    # every candidate went through detect and the named checks: accepted + rejections add up
+    for s in stats:
+        assert s["detect"]["enabled"] and s["generator"].startswith("maugen@"), s
+        assert s["candidates"] == s["funnel"]["accepted"] + sum(s["rejected"].values()), s
+    assert factory("verify", str(out)).returncode == 0
