@@ -42,6 +42,10 @@ def _finish(summary) -> None:  # noqa: ANN001 - BuildSummary, imported lazily
         f"samples ({summary.skipped} shards were already done) in {summary.seconds:.1f} s; rejected: {rej}",
         err=True,
     )
+    if summary.generators:
+        typer.echo(f"shards ran {summary.shards_seconds:.1f} s; generator busy fraction over that window:", err=True)
+    for g in summary.generators:
+        typer.echo(f"  {g.describe()}", err=True)
     if summary.failed:
         for name, err in summary.failed.items():
             typer.echo(f"FAILED {name}: {err}", err=True)

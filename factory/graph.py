@@ -57,10 +57,39 @@ class BuildSummary:
     candidates: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    #: From the first shard submitted to the last one finished (0 when no shard ran).
+    shards_seconds: float = 0.0
+    generators: list[GeneratorBusy] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.failed and self.committed == self.num_shards
+
+
+@dataclass
+class GeneratorBusy:
+    """How busy one generator actor was while shards remained.
+
+    The generators hold the costly accelerators (GPUs on a cluster): a fraction well below 1 while
+    shards remained means they sat idle waiting on the shard tasks' CPU work (too few shards in
+    flight, slow expand/detect/write), so adding generators would not speed the build up.
+    `fraction` is busy_s over the driver's shard window (first shard submitted to last shard
+    finished), so it is comparable across actors; an actor that restarted counts its last life only.
+    """
+
+    actor: int
+    node_ip: str
+    calls: int
+    images: int
+    busy_s: float  # seconds inside generate()
+    active_s: float  # this actor's own window: start of its first call to end of its last
+    fraction: float
+
+    def describe(self) -> str:
+        return (
+            f"generator {self.actor} busy {self.fraction:.3f} ({self.busy_s:.1f} s in generate, "
+            f"{self.calls} calls, {self.images} images, active {self.active_s:.1f} s, node {self.node_ip})"
+        )
 
 
 def versions() -> dict[str, str]:
@@ -203,12 +232,39 @@ class GeneratorActor:
         from .generators import make_generator
 
         self.generator = make_generator(FactoryConfig.model_validate(cfg_dict))
+        self.calls = 0
+        self.images = 0
+        self.busy_s = 0.0
+        self.first_start: float | None = None
+        self.last_end: float | None = None
 
     def info(self) -> dict[str, str]:
         return {"name": self.generator.name, "version": self.generator.version}
 
     def generate(self, batch: Any) -> Any:
-        return self.generator.generate(batch)
+        start, t = time.time(), time.perf_counter()
+        try:
+            return self.generator.generate(batch)
+        finally:
+            self.busy_s += time.perf_counter() - t
+            self.calls += 1
+            self.images += len(batch)
+            if self.first_start is None:
+                self.first_start = start
+            self.last_end = time.time()
+
+    def busy(self) -> dict[str, Any]:
+        """Time spent inside generate() and the window of the calls, for the driver's busy fraction."""
+        import ray
+
+        active = self.last_end - self.first_start if self.first_start is not None and self.last_end else 0.0
+        return {
+            "node_ip": ray.util.get_node_ip_address(),
+            "calls": self.calls,
+            "images": self.images,
+            "busy_s": self.busy_s,
+            "active_s": active,
+        }
 
 
 class DetectorActor:
@@ -338,9 +394,12 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
         submitted = 0
         progress = BuildProgress(plan.target, plan.num_shards, enabled=rt.progress)
         progress.start(summary.accepted, summary.committed)
+        t_first: float | None = None
         try:
             while pending or in_flight:
                 while pending and len(in_flight) < max_in_flight:
+                    if t_first is None:
+                        t_first = time.time()
                     i = pending.popleft()
                     attempts[i] = attempts.get(i, 0) + 1
                     actor = actors[submitted % len(actors)]
@@ -374,6 +433,9 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                     progress.shard_done(int(stats["samples"]), int(stats["candidates"]), summary.rejected)
                     del attempts[i]
                 progress.tick()
+            summary.shards_seconds = time.time() - t_first if t_first is not None else 0.0
+            summary.generators = _generator_busy(actors, summary.shards_seconds)
+            progress.generators_busy([g.describe() for g in summary.generators])
         finally:
             progress.stop()
             for a in [*actors, *detectors]:
@@ -383,6 +445,27 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
             ray.shutdown()
     summary.seconds = time.time() - t0
     return summary
+
+
+def _generator_busy(actors: list[Any], window_s: float, timeout_s: float = 10.0) -> list[GeneratorBusy]:
+    """Ask every generator actor how long it spent in generate(); an actor that is gone or does
+    not answer within timeout_s (its node died or lost its link) is left out, not waited on."""
+    import ray
+
+    refs = {a.busy.remote(): i for i, a in enumerate(actors)}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in late:
+        log.warning("generator %d: no busy accounting (no answer within %g s)", refs[ref], timeout_s)
+    out: list[GeneratorBusy] = []
+    for ref in ready:
+        try:
+            b = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - accounting only: a dead actor must not fail the build
+            log.warning("generator %d: no busy accounting (%s)", refs[ref], _short(err))
+            continue
+        frac = b["busy_s"] / window_s if window_s > 0 else 0.0
+        out.append(GeneratorBusy(refs[ref], b["node_ip"], b["calls"], b["images"], b["busy_s"], b["active_s"], frac))
+    return sorted(out, key=lambda g: g.actor)
 
 
 def _short(err: BaseException) -> str:

@@ -28,6 +28,7 @@ class BuildProgress:
         self._last_log = 0.0
         self._bar = None
         self._task = None
+        self._busy: list[str] = []
 
     def start(self, accepted: int, shards: int) -> None:
         self.accepted, self.shards = accepted, shards
@@ -83,6 +84,16 @@ class BuildProgress:
             rej = ", ".join(f"{k}={v}" for k, v in self.rejected.items() if v) or "none"
             log.info("accepted %d/%d | %s | rejected: %s", self.accepted, self.target, self._info(), rej)
 
+    def generators_busy(self, lines: list[str]) -> None:
+        """The generator actors' busy accounting (GeneratorBusy.describe()), logged by stop()."""
+        self._busy = list(lines)
+
     def stop(self) -> None:
+        """End the bar; then one final line, and one per generator actor with its busy fraction
+        (logged even with progress off: it says whether the generators were starved)."""
         if self._bar is not None:
             self._bar.stop()
+        if self.enabled:
+            log.info("build ended: accepted %d/%d | %s", self.accepted, self.target, self._info())
+        for line in self._busy:
+            log.info("%s", line)

@@ -1,0 +1,59 @@
+"""Generator busy accounting: seconds inside generate(), calls and images per actor, and the
+fraction of the build's shard window each generator actor spent generating (issue 7)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from factory.config import load_config
+from factory.generators import GenerationBatch
+from factory.graph import GeneratorActor, GeneratorBusy, run_build
+from factory.plan import Plan
+from factory.sampler import ShardSampler
+
+SMALL = ["generator=puppet", "detect.enabled=false", "runtime.num_cpus=2", "runtime.object_store_mb=100",
+         "runtime.progress=false", "runtime.num_generators=2", "runtime.generator_cpus=0.5"]  # fmt: skip
+
+
+def test_actor_counts_calls_images_and_seconds():
+    """The actor class itself (no Ray): every generate() call is counted, with its images and time."""
+    cfg = load_config(None, ["generator=puppet", "build.target=20", "build.shard_size=20"])
+    actor = GeneratorActor(cfg.model_dump(mode="json"))
+    assert actor.calls == 0 and actor.busy_s == 0.0
+    cands = ShardSampler(Plan(cfg).shard(0), cfg).draw()[:5]
+    batch = GenerationBatch(
+        keys=[c.key for c in cands],
+        seeds=np.array([c.seed for c in cands], dtype=np.int64),
+        prompts=["" for _ in cands],
+        target=np.stack([c.intensity for c in cands]),
+        identities=[c.identity for c in cands],
+    )
+    for _ in range(2):
+        actor.generate(batch)
+    assert actor.calls == 2 and actor.images == 2 * len(cands)
+    assert actor.busy_s > 0 and actor.last_end >= actor.first_start
+
+
+def test_build_reports_busy_fraction_per_generator(tmp_path, caplog):
+    """A real build on an embedded local Ray (stopped by run_build): one entry per generator actor."""
+    cfg = load_config(None, ["build.target=120", "build.shard_size=20", *SMALL])
+    with caplog.at_level(logging.INFO, logger="factory.progress"):
+        summary = run_build(cfg, str(tmp_path / "out"))
+    import ray
+
+    assert not ray.is_initialized()  # the build stopped the Ray it started
+    assert summary.ok and summary.accepted == 120
+    assert summary.shards_seconds > 0 and len(summary.generators) == 2
+    assert [g.actor for g in summary.generators] == [0, 1]
+    for g in summary.generators:
+        print(g.describe())
+        assert isinstance(g, GeneratorBusy)
+        assert g.calls > 0 and g.images >= g.calls and g.busy_s > 0
+        assert 0 < g.fraction <= 1 and g.busy_s <= g.active_s + 1e-6 <= summary.shards_seconds + 1e-3
+        assert g.fraction == pytest.approx(g.busy_s / summary.shards_seconds)
+    assert sum(g.images for g in summary.generators) >= summary.candidates >= 120
+    busy_lines = [r.getMessage() for r in caplog.records if " busy " in r.getMessage()]
+    assert len(busy_lines) == 2 and busy_lines[0].startswith("generator 0 busy ")
