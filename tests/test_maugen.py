@@ -432,6 +432,7 @@ def _overfit_batch() -> PuppetFaceDataset:
     return torch.utils.data.Subset(pool, ok[:16])
 
 
+@pytest.mark.timeout(1200)  # about 6 min on 2 free cores; the default 600 s left no room for a busy machine
 def test_overfitting_16_samples_drives_every_loss_down_10x_and_labels_to_f1_1(tmp_path):
     from detectors.metrics import f1_per_au
 
