@@ -1,21 +1,25 @@
 """Cluster scaling: the same build on 1 and on 2 worker hosts, and how busy the generators were.
 
 Hosts are network namespaces (tests/netns_lab.py, the cluster tests' Lab): a head h0 with 0
-task CPUs, and worker hosts whose Ray processes are pinned (taskset) to one CPU core each and
-offer Ray 1 CPU. The same build (`python -m factory.cli build --target N ...`, submitted from
-outside with `ray job submit --working-dir`, token auth) runs first with 1 worker host, then
+task CPUs, and worker hosts that offer Ray 1 CPU each. Each host's Ray processes share one CPU
+cgroup capped at `--host-cpu` CPUs (`--head-cpu` for the head's GCS, dashboard and job driver),
+so that every host has its own CPU as separate machines would, and the caps add up to no more
+than the machine has (on 2 cores: 0.6 + 0.6 + 0.8). Without caps, three hosts on two cores
+share a core and the ratio measures that contention, not scaling. `--cores` pins the worker
+hosts to cores as well. The same build (`python -m factory.cli build --target N ...`, submitted
+from outside with `ray job submit --working-dir`, token auth) runs first with 1 worker host, then
 with 2 into a fresh OUT. Each host gets one generator actor and one detector actor (their CPU
 shares are sized so that two never fit on one host) and two shard tasks.
 
 Prints, for each run: wall time (submit to end), the build's shard window (first shard
 submitted to last shard finished), accepted samples/s over both; then throughput(2)/throughput(1)
 and scaling efficiency = ratio / 2; and each generator actor's busy fraction as the build
-reports it (seconds in generate() / shard window; aim: above 0.9). A measured ratio of this one
-run, not a test; other load on the machine distorts it.
+reports it (seconds in generate() / shard window). A measured ratio of this one run, not a
+test; other load on the machine distorts it.
 
-Needs root (ip netns, veths, a bridge); it re-runs itself in a private network namespace
-(unshare -n) so the hosts' addresses exist nowhere else. Everything is torn down at the end by
-process id, also on Ctrl-C or an error.
+Needs root (ip netns, veths, a bridge, cgroups); it re-runs itself in a private network
+namespace (unshare -n) so the hosts' addresses exist nowhere else. Everything is torn down at
+the end by process id, also on Ctrl-C or an error.
 
     sudo .venv/bin/python bench/bench_cluster_scaling.py [--target 4000] [--shard-size 100] [--set k=v ...]
 """
@@ -60,6 +64,7 @@ class Run:
     shards_s: float = 0.0
     generators: list[str] = field(default_factory=list)
     shards_per_node: dict[str, int] = field(default_factory=dict)
+    cpu: dict[int, tuple[float, float]] = field(default_factory=dict)  # host -> (CPU s used, s throttled)
     log: str = ""
 
     def rate(self, seconds: float) -> float:
@@ -118,6 +123,7 @@ def _build(lab: Lab, wd: Path, out: Path, hosts: int, a: argparse.Namespace) -> 
            str(a.shard_size), "--out", str(out), *(x for s in sets for x in ("--set", s))]  # fmt: skip
     run = Run(hosts)
     print(f"[{hosts} worker host(s)] submitting: {' '.join(cmd[1:])}", flush=True)
+    before = {h: cap.usage() for h, cap in lab.caps.items()}
     t = time.time()
     sid = lab.submit(wd, *cmd)
     try:
@@ -125,6 +131,8 @@ def _build(lab: Lab, wd: Path, out: Path, hosts: int, a: argparse.Namespace) -> 
     except AssertionError:  # still running after --timeout; the teardown stops it
         run.status = f"TIMEOUT ({a.timeout:.0f} s)"
     run.wall_s = time.time() - t
+    after = {h: cap.usage() for h, cap in lab.caps.items()}
+    run.cpu = {h: (after[h][0] - before.get(h, (0, 0))[0], after[h][1] - before.get(h, (0, 0))[1]) for h in after}
     run.log = lab.job_logs(sid)
     _parse(run, run.log)
     run.shards_per_node = _shards_per_node(out) if (out / "shards").is_dir() else {}
@@ -133,15 +141,20 @@ def _build(lab: Lab, wd: Path, out: Path, hosts: int, a: argparse.Namespace) -> 
     return run
 
 
-def _report(runs: list[Run], a: argparse.Namespace, cores: list[int]) -> None:
+def _report(runs: list[Run], a: argparse.Namespace, cores: list[int] | None) -> None:
+    pins = f"worker cores {cores[:len(runs)]}" if cores else "unpinned"
     print(f"\ncluster scaling: target {a.target}, shard size {a.shard_size}, --set {' '.join(a.set) or '-'}; "
-          f"worker cores {cores[:len(runs)]}, head unpinned, 0 task CPUs")  # fmt: skip
+          f"CPU caps: {a.host_cpu} per worker host, {a.head_cpu} head (0 task CPUs); {pins}")  # fmt: skip
     for r in runs:
         print(f"  {r.hosts} worker host(s): {r.status}, {r.accepted} accepted | wall {r.wall_s:.1f} s -> "
               f"{r.rate(r.wall_s):.1f} samples/s | shard window {r.shards_s:.1f} s -> {r.rate(r.shards_s):.1f} "
               f"samples/s | build {r.build_s:.1f} s | shards per node {r.shards_per_node}")  # fmt: skip
         for g in r.generators or ["(no generator busy lines in the job's log)"]:
             print(f"      {g}")
+        for h, (used, throttled) in sorted(r.cpu.items()):
+            cap = a.head_cpu if h == 0 else a.host_cpu
+            print(f"      h{h} ({'head' if h == 0 else 'worker'}, cap {cap} CPU): {used:.1f} CPU s = "
+                  f"{used / r.wall_s / cap:.0%} of its cap over the wall, throttled {throttled:.1f} s")  # fmt: skip
     if len(runs) == 2 and all(r.status == "SUCCEEDED" and r.accepted for r in runs):
         one, two = runs
         for what, s1, s2 in (("shard window", one.shards_s, two.shards_s), ("wall", one.wall_s, two.wall_s)):
@@ -155,7 +168,9 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=100, help="samples per shard")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help=f"extra config override for both builds (after {' '.join(DEFAULT_SET + RUNTIME)})")
-    ap.add_argument("--cores", default=None, help="cores of worker hosts 1 and 2, e.g. 0,1 (default: the first two)")
+    ap.add_argument("--host-cpu", type=float, default=0.6, help="CPU cap of each worker host (cgroup quota)")
+    ap.add_argument("--head-cpu", type=float, default=0.8, help="CPU cap of the head host (cgroup quota)")
+    ap.add_argument("--cores", default=None, help="also pin worker hosts 1 and 2 to these cores, e.g. 0,1")
     ap.add_argument("--timeout", type=float, default=600, help="seconds one build may take")
     ap.add_argument("--start-tries", type=int, default=3, help="tries to start each Ray node (busy machines)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs and Ray logs (path printed)")
@@ -168,9 +183,11 @@ def main() -> None:
     if why:
         sys.exit(f"bench_cluster_scaling: cannot make network namespaces here: {why}")
     avail = sorted(os.sched_getaffinity(0))
-    cores = [int(c) for c in a.cores.split(",")] if a.cores else avail[:2]
-    if len(cores) < 2 or len(set(cores)) < 2 or not set(cores) <= set(avail):
-        sys.exit(f"bench_cluster_scaling: needs 2 distinct usable cores for the workers (have {avail}, got {a.cores})")
+    cores = [int(c) for c in a.cores.split(",")] if a.cores else None
+    if cores is not None and (len(cores) < 2 or len(set(cores)) < 2 or not set(cores) <= set(avail)):
+        sys.exit(f"bench_cluster_scaling: --cores needs 2 distinct usable cores (have {avail}, got {a.cores})")
+    if 2 * a.host_cpu + a.head_cpu > len(avail) + 1e-9:
+        sys.exit(f"bench_cluster_scaling: CPU caps 2 x {a.host_cpu} + {a.head_cpu} exceed the {len(avail)} cores here")
 
     # SIGTERM/SIGHUP end the run like Ctrl-C does: through the finally below
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -186,10 +203,11 @@ def main() -> None:
     try:
         wd = copy_sources(work / "wd")
         lab.setup()
-        _start(lab, 0, lab.start_head, a.start_tries)
+        _start(lab, 0, lambda: lab.start_head(cpu_cap=a.head_cpu), a.start_tries)
         for hosts in (1, 2):
-            pinned = str(cores[hosts - 1])
-            _start(lab, hosts, lambda: lab.start_worker(hosts, cpus=1, cores=pinned), a.start_tries)  # noqa: B023
+            pinned = str(cores[hosts - 1]) if cores else None
+            start = lambda: lab.start_worker(hosts, cpus=1, cores=pinned, cpu_cap=a.host_cpu)  # noqa: B023, E731
+            _start(lab, hosts, start, a.start_tries)
             runs.append(_build(lab, wd, work / f"out{hosts}", hosts, a))
             if runs[-1].status != "SUCCEEDED":
                 break

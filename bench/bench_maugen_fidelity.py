@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectors.data import identities  # noqa: E402
-from detectors.metrics import f1_per_au  # noqa: E402
+from detectors.metrics import AU_KEYS, f1_per_au  # noqa: E402
 from detectors.panel import DetectorPanel  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.maugen.build import SCHEDULERS  # noqa: E402
@@ -59,10 +59,14 @@ def fidelity(
     det = panel.detect(out.images)
     labels = out.au_occurrence >= 0.5
     consensus = det.consensus.occurrence
+    per_au = {
+        "labels_vs_targets": f1_per_au(targets, labels),
+        "labels_vs_consensus": f1_per_au(consensus, labels),
+        "targets_vs_consensus": f1_per_au(consensus, targets),
+    }
     numbers = {
-        "f1_labels_vs_targets": f1_per_au(targets, labels).mean,
-        "f1_labels_vs_consensus": f1_per_au(consensus, labels).mean,
-        "f1_targets_vs_consensus": f1_per_au(consensus, targets).mean,
+        **{f"f1_{k}": v.mean for k, v in per_au.items()},
+        **{f"f1_{k}_{au}": float(f) for k, v in per_au.items() for au, f in zip(AU_KEYS, v.per_au)},
         "realism_mean": float(np.mean(det.realism)),
         "realism_accepted": float(np.mean(det.realism >= 0.5)),
         "images_per_s": rate,
@@ -90,6 +94,9 @@ def main() -> None:
     print(f"F1 labels vs prompt targets   {r['f1_labels_vs_targets']:.3f}")
     print(f"F1 labels vs consensus        {r['f1_labels_vs_consensus']:.3f}")
     print(f"F1 prompt targets vs consensus {r['f1_targets_vs_consensus']:.3f}")
+    print("per AU            " + " ".join(f"{k:>5}" for k in AU_KEYS))
+    for k in ("labels_vs_targets", "labels_vs_consensus", "targets_vs_consensus"):
+        print(f"{k:<18}" + " ".join(f"{r[f'f1_{k}_{au}']:5.2f}" for au in AU_KEYS))
     print(f"realism mean {r['realism_mean']:.3f}, accepted (>= 0.5) {r['realism_accepted']:.2f}")
     print(f"generator {r['images_per_s']:.2f} images/s")
     if args.grid:

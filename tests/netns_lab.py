@@ -48,6 +48,61 @@ RAY_FAST_FAILURE = {
 }
 
 
+class CpuCap:
+    """A CPU cgroup capped at `cpus` CPUs (CFS quota over a 100 ms period), with its CPU use:
+    cgroup v2 (`cpu.max`) where the cpu controller is on the unified tree, else v1's `cpu`
+    hierarchy for the cap and `cpuacct` for the usage. A process written to `procs` (and every
+    child it forks) is capped and counted; `remove()` deletes the groups once they are empty."""
+
+    PERIOD_US = 100_000
+
+    def __init__(self, name: str, cpus: float):
+        self.cpus = cpus
+        quota = max(1000, int(cpus * self.PERIOD_US))
+        v2 = Path("/sys/fs/cgroup")
+        controllers = v2 / "cgroup.controllers"
+        self.v2 = controllers.is_file() and "cpu" in controllers.read_text().split()
+        if self.v2:
+            self.dirs = [v2 / name]
+            self.dirs[0].mkdir(exist_ok=True)
+            (self.dirs[0] / "cpu.max").write_text(f"{quota} {self.PERIOD_US}")
+            return
+        cpu, acct = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpuacct")
+        if not (cpu / "cpu.cfs_quota_us").is_file():
+            raise RuntimeError("no cgroup cpu controller (v2 cpu.max or v1 cpu.cfs_quota_us) to cap a host's CPU")
+        self.dirs = [cpu / name] + ([acct / name] if (acct / "cpuacct.usage").is_file() else [])
+        for d in self.dirs:
+            d.mkdir(exist_ok=True)
+        (self.dirs[0] / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+        (self.dirs[0] / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """`cmd` run by a shell that first moves itself into the group(s)."""
+        files = " ".join(f'"{d / "cgroup.procs"}"' for d in self.dirs)
+        return ["sh", "-c", f'for f in {files}; do echo $$ > "$f" || exit 1; done; exec "$@"', "sh", *cmd]
+
+    def usage(self) -> tuple[float, float]:
+        """(CPU seconds used, seconds throttled by the cap) since the group was made."""
+        stat = dict(ln.split() for ln in (self.dirs[0] / "cpu.stat").read_text().splitlines() if ln.strip())
+        if self.v2:
+            return int(stat["usage_usec"]) / 1e6, int(stat.get("throttled_usec", 0)) / 1e6
+        used = int((self.dirs[1] / "cpuacct.usage").read_text()) / 1e9 if len(self.dirs) > 1 else float("nan")
+        return used, int(stat.get("throttled_time", 0)) / 1e9
+
+    def remove(self, timeout: float = 10) -> None:
+        """rmdir the group(s) once their processes are gone (the kernel refuses before)."""
+        end = time.time() + timeout
+        for d in self.dirs:
+            while d.exists():
+                try:
+                    d.rmdir()
+                except OSError:
+                    if time.time() > end:
+                        left = (d / "cgroup.procs").read_text().split()
+                        raise RuntimeError(f"cgroup {d} still has processes: {left}") from None
+                    time.sleep(0.2)
+
+
 def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """`ip ARGS` here, or inside namespace `ns`; a failure raises with ip's message when `check`."""
     cmd = ["ip", "netns", "exec", ns, "ip", *args] if ns else ["ip", *args]
@@ -71,6 +126,7 @@ class Lab:
         self.hosts = [f"{self.prefix}h{i}" for i in range(n_hosts)]
         self.procs: dict[str, list[subprocess.Popen]] = {h: [] for h in self.hosts}
         self.created: list[str] = []  # namespaces, for teardown
+        self.caps: dict[int, CpuCap] = {}  # host -> its CPU cap (made by _start), removed at teardown
         self.starts = 0
 
     def setup(self) -> None:
@@ -108,9 +164,12 @@ class Lab:
             env.pop(k, None)
         return env
 
-    def _start(self, i: int, cpus: int, args: list[str], cores: str | None = None) -> None:
+    def _start(
+        self, i: int, cpus: int, args: list[str], cores: str | None = None, cpu_cap: float | None = None
+    ) -> None:
         """`ray start --block` in host i; with `cores` (a taskset list such as "1") every process of
-        that Ray node (raylet, workers, actors, tasks) inherits that CPU affinity."""
+        that Ray node (raylet, workers, actors, tasks) inherits that CPU affinity; with `cpu_cap`
+        they share one cgroup capped at that many CPUs, as if host i had that much CPU."""
         self.starts += 1
         # short, per-start temp dir: Ray's unix socket paths must stay under ~107 characters
         tmp = Path(f"/tmp/{self.prefix}/{self.starts}")
@@ -119,19 +178,23 @@ class Lab:
         cmd = ["ip", "netns", "exec", self.hosts[i], *pin, RAY, "start", "--block", f"--node-ip-address={self.addr(i)}",
                f"--num-cpus={cpus}", "--object-store-memory=120000000", "--disable-usage-stats",
                f"--temp-dir={tmp}", *args]  # fmt: skip
+        if cpu_cap is not None:
+            if i not in self.caps:
+                self.caps[i] = CpuCap(f"{self.prefix}h{i}", cpu_cap)
+            cmd = self.caps[i].wrap(cmd)
         with open(self.workdir / f"ray-h{i}-{self.starts}.log", "wb") as log:
             p = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[self.hosts[i]].append(p)
 
-    def start_head(self, cores: str | None = None) -> None:
+    def start_head(self, cores: str | None = None, cpu_cap: float | None = None) -> None:
         # no CPUs on the head: it runs the GCS, the dashboard and the job drivers; all work goes to workers
         self._start(0, 0, ["--head", f"--port={GCS_PORT}", "--include-dashboard=true",
-                        f"--dashboard-host={self.addr(0)}", f"--dashboard-port={DASH_PORT}"], cores)  # fmt: skip
+                        f"--dashboard-host={self.addr(0)}", f"--dashboard-port={DASH_PORT}"], cores, cpu_cap)  # fmt: skip
         self._wait_up(0, lambda: connects(self.addr(0), DASH_PORT) and self.addr(0) in (self.alive_nodes() or []),
                       "the Ray dashboard and the head node")  # fmt: skip
 
-    def start_worker(self, i: int, cpus: int = 2, cores: str | None = None) -> None:
-        self._start(i, cpus, [f"--address={self.addr(0)}:{GCS_PORT}"], cores)
+    def start_worker(self, i: int, cpus: int = 2, cores: str | None = None, cpu_cap: float | None = None) -> None:
+        self._start(i, cpus, [f"--address={self.addr(0)}:{GCS_PORT}"], cores, cpu_cap)
         self._wait_up(i, lambda: self.addr(i) in (self.alive_nodes() or []), f"worker h{i} joining")
 
     def _wait_up(self, i: int, cond: Callable[[], bool], what: str) -> None:
@@ -209,6 +272,9 @@ class Lab:
             ip("link", "del", self.veth(i), check=False)
         ip("link", "del", self.bridge, check=False)
         shutil.rmtree(f"/tmp/{self.prefix}", ignore_errors=True)
+        for cap in self.caps.values():
+            cap.remove()
+        self.caps = {}
 
     # jobs ---------------------------------------------------------------------------------------
 
