@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ from torch import nn
 from . import core, losses
 from .build import MAUGenConfig, build_pipeline
 from .pipeline import MAUGenPipeline
+
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +240,7 @@ class Trainer:
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.params = params
         self.optimizer = self.accelerator.prepare(self.optimizer)
-        self.ema = None
-        if cfg.ema_decay > 0:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True)
+        self.ema = self._new_ema()
         self.mrl_conv = losses.mrl_last_conv(self.pipe.unet)
         self.active = self._active_losses()
         self.panel = None
@@ -533,6 +533,14 @@ class Trainer:
     def config_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.cfg.model_dump_json()), sort_keys=False)
 
+    def _new_ema(self) -> EMAModel | None:
+        """An EMA of the current trained weights (None when `ema_decay` is 0)."""
+        if self.cfg.ema_decay <= 0:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        return EMAModel(self.params, decay=self.cfg.ema_decay, use_ema_warmup=True)
+
     def save_pipeline(self, path: Path, ema: bool) -> None:
         """Save the pipeline; with `ema` (and EMA on) its trained weights are the EMA's, then restored."""
         if not (ema and self.ema is not None):
@@ -604,7 +612,7 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
             else:
                 log.warning("checkpoint %s has no EMA state: the EMA starts from its weights at step %s", ck, state["step"])
-                self.ema = type(self.ema)(self.params, decay=self.cfg.ema_decay, use_ema_warmup=True)
+                self.ema = self._new_ema()
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", ck, self.step)
         return True
