@@ -3,8 +3,9 @@
 For `--n` held-out identities and grammar prompts of random targets, it samples the checkpoint
 and runs the three builtin AU detectors (k=2) and the realism discriminator on the images, then
 prints mean F1 (FACS.md's definition) of MAUGen's labels vs the prompt targets, of its labels vs
-the detector consensus, and of the targets vs the consensus, plus the realism acceptance and the
-generator's images/s. It tracks a training run between checkpoints (`factory eval` measures a
+the detector consensus, and of the targets vs the consensus (per AU and mean), the realism
+acceptance, the share of samples that pass the build's checks at their default thresholds, and
+the generator's images/s. It tracks a training run between checkpoints (`factory eval` measures a
 built corpus); `--grid PNG` saves the first 32 images.
 
 Run: python bench/bench_maugen_fidelity.py --checkpoint RUN/checkpoints/step-0002000/pipeline [--n 32]
@@ -26,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectors.data import identities  # noqa: E402
 from detectors.metrics import AU_KEYS, f1_per_au  # noqa: E402
 from detectors.panel import DetectorPanel  # noqa: E402
+from factory.config import ChecksConfig  # noqa: E402
+from factory.shard import label_consensus_jaccard  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
+from pipelines.facs import jaccard  # noqa: E402
 from pipelines.maugen.build import SCHEDULERS  # noqa: E402
 from pipelines.prompts import grammar_expand  # noqa: E402
 from pipelines.prompts.targets import random_requests  # noqa: E402
@@ -57,8 +61,18 @@ def fidelity(
     rate = n / (time.perf_counter() - t)
     panel = DetectorPanel(["builtin:au-cnn", "builtin:au-resnet", "builtin:au-vit"], 2, realism="builtin:realism")
     det = panel.detect(out.images)
+    # the ceiling: the same people and targets rendered by the puppet renderer, through the same panel
+    rendered = panel.detect(PuppetRenderer(size=size).render_batch(people, [r.intensity for r in requests]))
     labels = out.au_occurrence >= 0.5
     consensus = det.consensus.occurrence
+    # the build's three checks at their default thresholds, in its order (the prompt's parsed AUs
+    # stand in as the targets: grammar prompts parse back to them)
+    th = ChecksConfig()
+    real = det.realism >= th.realism
+    lp = np.array([jaccard(t, g) for t, g in zip(targets, labels)]) >= th.label_prompt_jaccard
+    lc = np.array(
+        [label_consensus_jaccard(g, c, a) for g, c, a in zip(labels, consensus, det.consensus.agree)]
+    ) >= th.label_consensus_jaccard
     per_au = {
         "labels_vs_targets": f1_per_au(targets, labels),
         "labels_vs_consensus": f1_per_au(consensus, labels),
@@ -69,6 +83,11 @@ def fidelity(
         **{f"f1_{k}_{au}": float(f) for k, v in per_au.items() for au, f in zip(AU_KEYS, v.per_au)},
         "realism_mean": float(np.mean(det.realism)),
         "realism_accepted": float(np.mean(det.realism >= 0.5)),
+        "f1_targets_vs_consensus_on_renders": f1_per_au(rendered.consensus.occurrence, targets).mean,
+        "realism_accepted_on_renders": float(np.mean(rendered.realism >= th.realism)),
+        "pass_label_prompt": float(lp.mean()),
+        "pass_label_consensus": float(lc.mean()),
+        "pass_all_checks": float((real & lp & lc).mean()),
         "images_per_s": rate,
     }
     return numbers, out.images
@@ -98,6 +117,14 @@ def main() -> None:
     for k in ("labels_vs_targets", "labels_vs_consensus", "targets_vs_consensus"):
         print(f"{k:<18}" + " ".join(f"{r[f'f1_{k}_{au}']:5.2f}" for au in AU_KEYS))
     print(f"realism mean {r['realism_mean']:.3f}, accepted (>= 0.5) {r['realism_accepted']:.2f}")
+    print(
+        f"ceiling, the same targets rendered by the puppet renderer: F1 targets vs consensus "
+        f"{r['f1_targets_vs_consensus_on_renders']:.3f}, realism accepted {r['realism_accepted_on_renders']:.2f}"
+    )
+    print(
+        f"pass the build's checks (default thresholds): label-prompt {r['pass_label_prompt']:.2f}, "
+        f"label-consensus {r['pass_label_consensus']:.2f}, all three with realism {r['pass_all_checks']:.2f}"
+    )
     print(f"generator {r['images_per_s']:.2f} images/s")
     if args.grid:
         rows = [np.concatenate(list(images[i : i + 8]), 1) for i in range(0, min(32, args.n) - 7, 8)]
