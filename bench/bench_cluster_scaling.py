@@ -1,4 +1,4 @@
-"""Cluster scaling: the same build on 1 and on 2 worker hosts, and how busy the generators were.
+"""Cluster scaling: the same build on 1 and on 2 worker hosts, and how busy its actors were.
 
 Hosts are network namespaces (tests/netns_lab.py, the cluster tests' Lab): a head h0 with 0
 task CPUs, and worker hosts that offer Ray 1 CPU each. Each host's Ray processes share one CPU
@@ -13,7 +13,7 @@ shares are sized so that two never fit on one host) and two shard tasks.
 
 Prints, for each run: wall time (submit to end), the build's shard window (first shard
 submitted to last shard finished), accepted samples/s over both; then throughput(2)/throughput(1)
-and scaling efficiency = ratio / 2; and each generator actor's busy fraction as the build
+and scaling efficiency = ratio / 2; and each generator and detector actor's busy fraction as the build
 reports it (seconds in generate() / shard window). A measured ratio of this one run, not a
 test; other load on the machine distorts it.
 
@@ -62,7 +62,7 @@ class Run:
     accepted: int = 0
     build_s: float = 0.0
     shards_s: float = 0.0
-    generators: list[str] = field(default_factory=list)
+    actors: list[str] = field(default_factory=list)  # busy lines of the generator and detector actors
     shards_per_node: dict[str, int] = field(default_factory=dict)
     cpu: dict[int, tuple[float, float]] = field(default_factory=dict)  # host -> (CPU s used, s throttled)
     log: str = ""
@@ -106,7 +106,7 @@ def _parse(run: Run, log: str) -> None:
     m = re.search(r"shards ran ([\d.]+) s", log)
     if m:
         run.shards_s = float(m[1])
-    run.generators = [ln.strip() for ln in log.splitlines() if re.match(r"\s+generator \d+ busy ", ln)]
+    run.actors = [ln.strip() for ln in log.splitlines() if re.match(r"\s+(generator|detector) \d+ busy ", ln)]
 
 
 def _shards_per_node(out: Path) -> dict[str, int]:
@@ -149,7 +149,7 @@ def _report(runs: list[Run], a: argparse.Namespace, cores: list[int] | None) -> 
         print(f"  {r.hosts} worker host(s): {r.status}, {r.accepted} accepted | wall {r.wall_s:.1f} s -> "
               f"{r.rate(r.wall_s):.1f} samples/s | shard window {r.shards_s:.1f} s -> {r.rate(r.shards_s):.1f} "
               f"samples/s | build {r.build_s:.1f} s | shards per node {r.shards_per_node}")  # fmt: skip
-        for g in r.generators or ["(no generator busy lines in the job's log)"]:
+        for g in r.actors or ["(no busy lines in the job's log)"]:
             print(f"      {g}")
         for h, (used, throttled) in sorted(r.cpu.items()):
             cap = a.head_cpu if h == 0 else a.host_cpu

@@ -42,10 +42,11 @@ def _finish(summary) -> None:  # noqa: ANN001 - BuildSummary, imported lazily
         f"samples ({summary.skipped} shards were already done) in {summary.seconds:.1f} s; rejected: {rej}",
         err=True,
     )
-    if summary.generators:
-        typer.echo(f"shards ran {summary.shards_seconds:.1f} s; generator busy fraction over that window:", err=True)
-    for g in summary.generators:
-        typer.echo(f"  {g.describe()}", err=True)
+    actors = [*summary.generators, *summary.detectors]
+    if actors:
+        typer.echo(f"shards ran {summary.shards_seconds:.1f} s; actor busy fraction over that window:", err=True)
+    for a in actors:
+        typer.echo(f"  {a.describe()}", err=True)
     if summary.failed:
         for name, err in summary.failed.items():
             typer.echo(f"FAILED {name}: {err}", err=True)

@@ -13,6 +13,7 @@ import platform
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -59,7 +60,8 @@ class BuildSummary:
     seconds: float = 0.0
     #: From the first shard submitted to the last one finished (0 when no shard ran).
     shards_seconds: float = 0.0
-    generators: list[GeneratorBusy] = field(default_factory=list)
+    generators: list[ActorBusy] = field(default_factory=list)
+    detectors: list[ActorBusy] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -67,27 +69,30 @@ class BuildSummary:
 
 
 @dataclass
-class GeneratorBusy:
-    """How busy one generator actor was while shards remained.
+class ActorBusy:
+    """How busy one generator or detector actor was while shards remained.
 
-    The generators hold the costly accelerators (GPUs on a cluster): a fraction well below 1 while
-    shards remained means they sat idle waiting on the shard tasks' CPU work (too few shards in
-    flight, slow expand/detect/write), so adding generators would not speed the build up.
+    The generators hold the costly accelerators (GPUs on a cluster), the detectors a share of
+    one: a generator fraction well below 1 while shards remained means it sat idle waiting on the
+    shard tasks' other work (too few shards in flight, slow expand/detect/write), so adding
+    generators would not speed the build up; a detector near 1 says detection is the bottleneck.
     `fraction` is busy_s over the driver's shard window (first shard submitted to last shard
     finished), so it is comparable across actors; an actor that restarted counts its last life only.
     """
 
+    stage: str  # "generator" or "detector"
     actor: int
     node_ip: str
     calls: int
     images: int
-    busy_s: float  # seconds inside generate()
+    busy_s: float  # seconds inside generate() / detect()
     active_s: float  # this actor's own window: start of its first call to end of its last
     fraction: float
 
     def describe(self) -> str:
+        call = "generate" if self.stage == "generator" else "detect"
         return (
-            f"generator {self.actor} busy {self.fraction:.3f} ({self.busy_s:.1f} s in generate, "
+            f"{self.stage} {self.actor} busy {self.fraction:.3f} ({self.busy_s:.1f} s in {call}, "
             f"{self.calls} calls, {self.images} images, active {self.active_s:.1f} s, node {self.node_ip})"
         )
 
@@ -225,36 +230,30 @@ def _client_auth_mode() -> None:
         log.info("RAY_AUTH_MODE unset and a Ray token is available: connecting with token auth")
 
 
-class GeneratorActor:
-    """Owns one generator (model loaded once) and serves batches to shard tasks."""
+class _BusyMeter:
+    """Counts an actor's calls, images and seconds inside them, for the driver's busy fraction."""
 
-    def __init__(self, cfg_dict: dict[str, Any]):
-        from .generators import make_generator
-
-        self.generator = make_generator(FactoryConfig.model_validate(cfg_dict))
+    def __init__(self) -> None:
         self.calls = 0
         self.images = 0
         self.busy_s = 0.0
         self.first_start: float | None = None
         self.last_end: float | None = None
 
-    def info(self) -> dict[str, str]:
-        return {"name": self.generator.name, "version": self.generator.version}
-
-    def generate(self, batch: Any) -> Any:
+    def _metered(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         start, t = time.time(), time.perf_counter()
         try:
-            return self.generator.generate(batch)
+            return fn(arg)
         finally:
             self.busy_s += time.perf_counter() - t
             self.calls += 1
-            self.images += len(batch)
+            self.images += len(arg)
             if self.first_start is None:
                 self.first_start = start
             self.last_end = time.time()
 
     def busy(self) -> dict[str, Any]:
-        """Time spent inside generate() and the window of the calls, for the driver's busy fraction."""
+        """Time spent inside the metered calls and the window of the calls."""
         import ray
 
         active = self.last_end - self.first_start if self.first_start is not None and self.last_end else 0.0
@@ -267,12 +266,29 @@ class GeneratorActor:
         }
 
 
-class DetectorActor:
+class GeneratorActor(_BusyMeter):
+    """Owns one generator (model loaded once) and serves batches to shard tasks."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        from .generators import make_generator
+
+        super().__init__()
+        self.generator = make_generator(FactoryConfig.model_validate(cfg_dict))
+
+    def info(self) -> dict[str, str]:
+        return {"name": self.generator.name, "version": self.generator.version}
+
+    def generate(self, batch: Any) -> Any:
+        return self._metered(self.generator.generate, batch)
+
+
+class DetectorActor(_BusyMeter):
     """Owns the AU detectors and the realism discriminator (ONNX sessions loaded once)."""
 
     def __init__(self, cfg_dict: dict[str, Any]):
         from detectors.panel import DetectorPanel
 
+        super().__init__()
         cfg = FactoryConfig.model_validate(cfg_dict)
         d = cfg.detect
         self.panel = DetectorPanel(
@@ -288,7 +304,7 @@ class DetectorActor:
         return self.panel.describe()
 
     def detect(self, images: Any) -> Any:
-        return self.panel.detect(images)
+        return self._metered(self.panel.detect, images)
 
 
 def _shard_task(
@@ -434,8 +450,9 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                     del attempts[i]
                 progress.tick()
             summary.shards_seconds = time.time() - t_first if t_first is not None else 0.0
-            summary.generators = _generator_busy(actors, summary.shards_seconds)
-            progress.generators_busy([g.describe() for g in summary.generators])
+            summary.generators = _actor_busy("generator", actors, summary.shards_seconds)
+            summary.detectors = _actor_busy("detector", detectors, summary.shards_seconds)
+            progress.actors_busy([b.describe() for b in [*summary.generators, *summary.detectors]])
         finally:
             progress.stop()
             for a in [*actors, *detectors]:
@@ -447,24 +464,28 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     return summary
 
 
-def _generator_busy(actors: list[Any], window_s: float, timeout_s: float = 10.0) -> list[GeneratorBusy]:
-    """Ask every generator actor how long it spent in generate(); an actor that is gone or does
+def _actor_busy(stage: str, actors: list[Any], window_s: float, timeout_s: float = 10.0) -> list[ActorBusy]:
+    """Ask every actor of a stage how long it spent in its calls; an actor that is gone or does
     not answer within timeout_s (its node died or lost its link) is left out, not waited on."""
     import ray
 
+    if not actors:
+        return []
     refs = {a.busy.remote(): i for i, a in enumerate(actors)}
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     for ref in late:
-        log.warning("generator %d: no busy accounting (no answer within %g s)", refs[ref], timeout_s)
-    out: list[GeneratorBusy] = []
+        log.warning("%s %d: no busy accounting (no answer within %g s)", stage, refs[ref], timeout_s)
+    out: list[ActorBusy] = []
     for ref in ready:
         try:
             b = ray.get(ref)
         except Exception as err:  # noqa: BLE001 - accounting only: a dead actor must not fail the build
-            log.warning("generator %d: no busy accounting (%s)", refs[ref], _short(err))
+            log.warning("%s %d: no busy accounting (%s)", stage, refs[ref], _short(err))
             continue
         frac = b["busy_s"] / window_s if window_s > 0 else 0.0
-        out.append(GeneratorBusy(refs[ref], b["node_ip"], b["calls"], b["images"], b["busy_s"], b["active_s"], frac))
+        out.append(
+            ActorBusy(stage, refs[ref], b["node_ip"], b["calls"], b["images"], b["busy_s"], b["active_s"], frac)
+        )
     return sorted(out, key=lambda g: g.actor)
 
 

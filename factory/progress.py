@@ -84,13 +84,13 @@ class BuildProgress:
             rej = ", ".join(f"{k}={v}" for k, v in self.rejected.items() if v) or "none"
             log.info("accepted %d/%d | %s | rejected: %s", self.accepted, self.target, self._info(), rej)
 
-    def generators_busy(self, lines: list[str]) -> None:
-        """The generator actors' busy accounting (GeneratorBusy.describe()), logged by stop()."""
+    def actors_busy(self, lines: list[str]) -> None:
+        """The generator and detector actors' busy accounting (ActorBusy.describe()), logged by stop()."""
         self._busy = list(lines)
 
     def stop(self) -> None:
-        """End the bar; then one final line, and one per generator actor with its busy fraction
-        (logged even with progress off: it says whether the generators were starved)."""
+        """End the bar; then one final line, and one per generator and detector actor with its busy
+        fraction (logged even with progress off: it says whether the generators were starved)."""
         if self._bar is not None:
             self._bar.stop()
         if self.enabled:

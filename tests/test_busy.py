@@ -1,5 +1,5 @@
-"""Generator busy accounting: seconds inside generate(), calls and images per actor, and the
-fraction of the build's shard window each generator actor spent generating (issue 7)."""
+"""Busy accounting: seconds inside generate() / detect(), calls and images per actor, and the
+fraction of the build's shard window each generator and detector actor spent in them (issue 7)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 
 from factory.config import load_config
 from factory.generators import GenerationBatch
-from factory.graph import GeneratorActor, GeneratorBusy, run_build
+from factory.graph import ActorBusy, GeneratorActor, run_build
 from factory.plan import Plan
 from factory.sampler import ShardSampler
 
-SMALL = ["generator=puppet", "detect.enabled=false", "runtime.num_cpus=2", "runtime.object_store_mb=100",
-         "runtime.progress=false", "runtime.num_generators=2", "runtime.generator_cpus=0.5"]  # fmt: skip
+SMALL = ["generator=puppet", "runtime.num_cpus=2", "runtime.object_store_mb=100", "runtime.progress=false",
+         "runtime.num_generators=2", "runtime.generator_cpus=0.5", "runtime.num_detectors=1"]  # fmt: skip
 
 
 def test_actor_counts_calls_images_and_seconds():
@@ -37,8 +37,9 @@ def test_actor_counts_calls_images_and_seconds():
     assert actor.busy_s > 0 and actor.last_end >= actor.first_start
 
 
-def test_build_reports_busy_fraction_per_generator(tmp_path, caplog):
-    """A real build on an embedded local Ray (stopped by run_build): one entry per generator actor."""
+def test_build_reports_busy_fraction_per_actor(tmp_path, caplog):
+    """A real build on an embedded local Ray (stopped by run_build): one entry per generator and
+    per detector actor."""
     cfg = load_config(None, ["build.target=120", "build.shard_size=20", *SMALL])
     with caplog.at_level(logging.INFO, logger="factory.progress"):
         summary = run_build(cfg, str(tmp_path / "out"))
@@ -48,12 +49,16 @@ def test_build_reports_busy_fraction_per_generator(tmp_path, caplog):
     assert summary.ok and summary.accepted == 120
     assert summary.shards_seconds > 0 and len(summary.generators) == 2
     assert [g.actor for g in summary.generators] == [0, 1]
-    for g in summary.generators:
+    assert [(d.stage, d.actor) for d in summary.detectors] == [("detector", 0)]
+    for g in [*summary.generators, *summary.detectors]:
         print(g.describe())
-        assert isinstance(g, GeneratorBusy)
+        assert isinstance(g, ActorBusy)
         assert g.calls > 0 and g.images >= g.calls and g.busy_s > 0
         assert 0 < g.fraction <= 1 and g.busy_s <= g.active_s + 1e-6 <= summary.shards_seconds + 1e-3
         assert g.fraction == pytest.approx(g.busy_s / summary.shards_seconds)
-    assert sum(g.images for g in summary.generators) >= summary.candidates >= 120
+    generated = sum(g.images for g in summary.generators)
+    assert generated >= summary.candidates >= 120
+    # every valid generated image is detected once (the puppet makes no invalid ones)
+    assert summary.detectors[0].images == generated
     busy_lines = [r.getMessage() for r in caplog.records if " busy " in r.getMessage()]
-    assert len(busy_lines) == 2 and busy_lines[0].startswith("generator 0 busy ")
+    assert [ln.split(" busy ")[0] for ln in busy_lines] == ["generator 0", "generator 1", "detector 0"]
