@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, factory
-from netns_lab import Lab, copy_sources, ip, netns_usable, wait
+from netns_lab import CpuCap, Lab, copy_sources, ip, netns_usable, wait
 
 pytestmark = pytest.mark.cluster
 
@@ -237,3 +238,24 @@ def test_head_killed_then_resume_on_new_cluster(lab, working_dir, tmp_path):
     stats = _check_corpus(out)
     assert {n: stats[n] for n in before} == before  # committed shards were kept, not redone
     assert f"{len(before)} committed" in logs, logs[-2000:]
+
+
+def test_cpu_cap_limits_and_counts_a_host(tmp_path):
+    """The scaling bench's per-host CPU cap (netns_lab.CpuCap): a process that spins for 1.5 s
+    under a 0.25-CPU cap gets about 0.375 CPU-s, and the group counts that and its throttling."""
+    if os.geteuid() != 0:
+        pytest.skip("cgroups need root")
+    try:
+        cap = CpuCap(f"mifa-test-{os.getpid()}", 0.25)
+    except (OSError, RuntimeError) as err:
+        pytest.skip(f"no writable cgroup cpu controller here: {err}")
+    try:
+        spin = "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"
+        p = subprocess.run(cap.wrap([sys.executable, "-c", spin]), capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        used, throttled = cap.usage()
+        assert 0.05 < used < 0.6, used  # uncapped it would be ~1.5 CPU-s
+        assert throttled > 0.2, throttled  # ~1.1 s on an idle machine
+    finally:
+        cap.remove()
+    assert not any(d.exists() for d in cap.dirs)
