@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from factory.config import load_config  # noqa: E402
 from factory.graph import run_build  # noqa: E402
+from factory.stages import REASONS  # noqa: E402
 
 STAGES = ("expand", "generate", "detect", "checks", "write")
 
@@ -51,7 +52,8 @@ def main() -> None:
     print(f"  {s.committed}/{s.num_shards} shards, {s.accepted} accepted of {s.candidates} candidates in "
           f"{s.seconds:.1f} s (shard window {s.shards_seconds:.1f} s); failed: {len(s.failed)}")  # fmt: skip
     left = s.candidates
-    for reason, n in s.rejected.items():
+    for reason in REASONS:  # graph order, so each share is of the candidates that reached that check
+        n = s.rejected.get(reason, 0)
         if n:
             print(f"  {reason:<24} rejected {n:>6} of {left:>6} ({n / left:.1%})")
             left -= n

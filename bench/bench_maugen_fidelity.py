@@ -82,7 +82,7 @@ def fidelity(
         **{f"f1_{k}": v.mean for k, v in per_au.items()},
         **{f"f1_{k}_{au}": float(f) for k, v in per_au.items() for au, f in zip(AU_KEYS, v.per_au)},
         "realism_mean": float(np.mean(det.realism)),
-        "realism_accepted": float(np.mean(det.realism >= 0.5)),
+        "realism_accepted": float(np.mean(real)),
         "f1_targets_vs_consensus_on_renders": f1_per_au(rendered.consensus.occurrence, targets).mean,
         "realism_accepted_on_renders": float(np.mean(rendered.realism >= th.realism)),
         "pass_label_prompt": float(lp.mean()),
@@ -116,7 +116,7 @@ def main() -> None:
     print("per AU            " + " ".join(f"{k:>5}" for k in AU_KEYS))
     for k in ("labels_vs_targets", "labels_vs_consensus", "targets_vs_consensus"):
         print(f"{k:<18}" + " ".join(f"{r[f'f1_{k}_{au}']:5.2f}" for au in AU_KEYS))
-    print(f"realism mean {r['realism_mean']:.3f}, accepted (>= 0.5) {r['realism_accepted']:.2f}")
+    print(f"realism mean {r['realism_mean']:.3f}, accepted (>= {ChecksConfig().realism}) {r['realism_accepted']:.2f}")
     print(
         f"ceiling, the same targets rendered by the puppet renderer: F1 targets vs consensus "
         f"{r['f1_targets_vs_consensus_on_renders']:.3f}, realism accepted {r['realism_accepted_on_renders']:.2f}"
