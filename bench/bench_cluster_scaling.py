@@ -9,7 +9,7 @@ share a core and the ratio measures that contention, not scaling. `--cores` pins
 hosts to cores as well. The same build (`python -m factory.cli build --target N ...`, submitted
 from outside with `ray job submit --working-dir`, token auth) runs first with 1 worker host, then
 with 2 into a fresh OUT. Each host gets one generator actor and one detector actor (their CPU
-shares are sized so that two never fit on one host) and two shard tasks.
+shares are sized so that two never fit on one host) and two shard workers.
 
 Prints, for each run: wall time (submit to end), the build's shard window (first shard
 submitted to last shard finished), accepted samples/s over both; then throughput(2)/throughput(1)
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from netns_lab import Lab, copy_sources, netns_usable  # noqa: E402
 
 #: Per host: a generator (0.6) and a detector (0.3) fit one 1-CPU host, two generators or two
-#: detectors beside a generator do not, so each host gets one of each; 0.1 left is 2 shard tasks.
+#: detectors beside a generator do not, so each host gets one of each; 0.1 left is 2 shard workers.
 #: runtime.* keys do not change the corpus: both runs build the same samples.
 RUNTIME = ["runtime.generator_cpus=0.6", "runtime.detector_cpus=0.3", "runtime.shard_task_cpus=0.05",
            "runtime.progress=false"]  # fmt: skip

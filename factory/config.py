@@ -180,14 +180,24 @@ class RuntimeConfig(_Section):
     num_generators: int = Field(1, ge=1, description="generator actors (1 GPU each on a GPU cluster)")
     generator_gpus: float = Field(0.0, ge=0.0, description="GPUs per generator actor (0 on CPU)")
     generator_cpus: float = Field(1.0, gt=0.0)
-    shard_task_cpus: float = Field(0.25, gt=0.0, description="CPUs a shard task reserves (it mostly waits)")
-    max_shards_in_flight: int | None = Field(None, ge=1, description="default: 2 per generator actor")
+    shard_task_cpus: float = Field(0.25, gt=0.0, description="CPUs each shard worker reserves (one per shard in flight; it mostly waits)")
+    max_shards_in_flight: int | None = Field(None, ge=1, description="shard workers, one shard each (default: 2 per generator actor)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
     object_store_mb: int = Field(256, ge=80, description="object store of the embedded local Ray")
     num_detectors: int = Field(1, ge=1, description="detector actors (AU detectors + realism, loaded once each)")
     detector_gpus: float = Field(0.0, ge=0.0, description="GPUs per detector actor (a fraction on a GPU cluster)")
     detector_cpus: float = Field(0.5, gt=0.0, description="CPUs a detector actor reserves")
-    detector_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads per model (0: its default)")
+    detector_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime intra-op threads per model (0: the actor's CPU share, detector_cpus rounded, >= 1)",
+    )
+
+    @property
+    def detector_threads_used(self) -> int:
+        """Threads a detector actor gives ONNX Runtime. Its own default (one per core, spinning while
+        idle) fights the generator and shard workers for CPUs the actor did not reserve."""
+        return self.detector_threads or max(1, round(self.detector_cpus))
     progress: bool = True
 
 

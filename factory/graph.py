@@ -1,4 +1,8 @@
-"""The Ray job graph: generator actors own models; small idempotent shard tasks drive candidates.
+"""The Ray job graph: actors own models; small idempotent shard tasks drive candidates through them.
+
+Generator and detector actors load their models once. Each shard task runs on a shard worker, an
+actor that lives for the whole build (one per shard in flight, placed beside the generators), and
+uses the least-loaded generator and detector on its own node.
 
 `factory build` calls `ray.init()`: inside `ray job submit` or with RAY_ADDRESS set it joins that
 cluster, otherwise it starts an embedded local Ray. The driver keeps O(shards in flight) state:
@@ -252,6 +256,10 @@ class _BusyMeter:
                 self.first_start = start
             self.last_end = time.time()
 
+    def where(self) -> dict[str, str]:
+        """This actor's node, so that shard workers there use it first."""
+        return _node()
+
     def busy(self) -> dict[str, Any]:
         """Time spent inside the metered calls and the window of the calls."""
         import ray
@@ -295,7 +303,7 @@ class DetectorActor(_BusyMeter):
             d.au_detectors,
             d.min_agree,
             realism=d.realism,
-            threads=cfg.runtime.detector_threads,
+            threads=cfg.runtime.detector_threads_used,
             occurrence_threshold=cfg.labels.occurrence_threshold,
             batch_size=d.batch_size,
         )
@@ -307,33 +315,164 @@ class DetectorActor(_BusyMeter):
         return self._metered(self.panel.detect, images)
 
 
-def _shard_task(
-    cfg_dict: dict[str, Any],
-    index: int,
-    out: str,
-    actor: Any,
-    detector: Any,
-    build_id: str,
-    attempt: int,
-    info: dict,
-):
+class ShardWorker:
+    """Runs shard tasks, one at a time, in a process that lives for the whole build.
+
+    Why an actor and not a Ray task per shard: Ray keeps only about `num_cpus` idle workers per
+    node and kills an extra idle one after a second, so tasks spread over several nodes kept
+    landing on fresh worker processes, each importing torch and the factory again (measured:
+    12 short-lived workers and ~2x the CPU per sample on 2 hosts, bench/bench_cluster_scaling.py).
+    A shard task is still small and idempotent: the driver re-submits a failed one, here or on
+    another worker, with attempt + 1.
+    """
+
+    def where(self) -> dict[str, str]:
+        """This worker's node, which the driver uses to hand it node-local generators and detectors."""
+        return _node()
+
+    def run(
+        self,
+        cfg_dict: dict[str, Any],
+        index: int,
+        out: str,
+        generator: Any,
+        detector: Any,
+        build_id: str,
+        attempt: int,
+        info: dict,
+    ) -> dict[str, Any]:
+        import ray
+
+        from .shard import run_shard
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        cfg = FactoryConfig.model_validate(cfg_dict)
+        return run_shard(
+            cfg,
+            index,
+            out,
+            generate=lambda batch: ray.get(generator.generate.remote(batch)),
+            build_id=build_id,
+            attempt=attempt,
+            generator_info=info,
+            detect=(lambda images: ray.get(detector.detect.remote(images))) if detector is not None else None,
+            node={**_node(), "worker_id": ray.get_runtime_context().get_actor_id()},
+        )
+
+
+def _node() -> dict[str, str]:
     import ray
 
-    from .shard import run_shard
+    return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = FactoryConfig.model_validate(cfg_dict)
-    return run_shard(
-        cfg,
-        index,
-        out,
-        generate=lambda batch: ray.get(actor.generate.remote(batch)),
-        build_id=build_id,
-        attempt=attempt,
-        generator_info=info,
-        detect=(lambda images: ray.get(detector.detect.remote(images))) if detector is not None else None,
-        node={"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()},
-    )
+
+class _Pool:
+    """Who runs where: the shard workers (starting, idle, busy) and how many shards each generator
+    and detector actor is serving, so a shard gets the least-loaded actors on its worker's node.
+
+    A lost worker is replaced only once every generator and detector actor answers again: when a
+    node dies its actors restart elsewhere, and replacement workers started first could take the
+    CPUs a restarting generator needs, leaving shards waiting on a generator that never comes back.
+    """
+
+    def __init__(
+        self, generators: list[Any], detectors: list[Any], actor_node: list[str], cpus: float, size: int = 0
+    ) -> None:
+        self.generators, self.detectors, self.cpus, self.size = generators, detectors, cpus, size
+        self.actor_node = actor_node  # node id of each generator, then of each detector
+        self.load = [0] * len(self.actor_node)
+        self.starting: dict[Any, Any] = {}  # where() ref -> worker
+        self.idle: list[tuple[Any, str]] = []  # (worker, node id)
+        self.started = 0
+        self.lost = 0  # workers that died under a shard (their node went away, or were killed)
+        self.owed = 0  # lost workers not replaced yet
+        self.probes: dict[Any, int] = {}  # where() ref -> actor index, while replacements wait
+        self.workers: list[Any] = []
+
+    def add_worker(self, near: int | None) -> None:
+        """Start one shard worker, softly pinned to generator `near`'s node (None: Ray places it)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        opts: dict[str, Any] = {"num_cpus": self.cpus, "max_restarts": 0}
+        if near is not None:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.actor_node[near], soft=True)
+        w = ray.remote(ShardWorker).options(**opts).remote()
+        self.workers.append(w)
+        self.starting[w.where.remote()] = w
+        self.started += 1
+
+    def lose(self, worker: Any, err: BaseException) -> None:
+        """Drop a worker that died (its node went away, or it could not start); a new one follows
+        once the model actors answer (see `replace`)."""
+        import ray
+
+        log.warning("a shard worker was lost (%s); starting another once the model actors answer", _short(err))
+        self.lost += 1
+        self.owed += 1
+        try:
+            ray.kill(worker)
+        except Exception:  # noqa: BLE001 - it is usually gone already
+            pass
+        if self.size and self.started >= 4 * self.size and not self.idle and not self.starting:
+            raise RuntimeError(f"{self.started} shard workers started and none stays up; last error: {_short(err)}")
+
+    def replace(self) -> None:
+        """Start the owed workers once every generator and detector has answered where it now is."""
+        import ray
+
+        if not self.owed:
+            return
+        actors = [*self.generators, *self.detectors]
+        if not self.probes:
+            self.probes = {a.where.remote(): j for j, a in enumerate(actors)}
+        ready, _ = ray.wait(list(self.probes), num_returns=len(self.probes), timeout=0)
+        if len(ready) < len(self.probes):
+            return
+        for ref, j in self.probes.items():
+            try:
+                self.actor_node[j] = ray.get(ref)["node_id"]
+            except Exception as err:  # noqa: BLE001 - out of restarts: its shards fail and are recorded
+                log.warning("model actor %d does not answer (%s)", j, _short(err))
+        self.probes = {}
+        for k in range(self.owed):
+            self.add_worker(near=k % len(self.generators))
+        self.owed = 0
+
+    def pick(self, node: str, first: int, count: int) -> int | None:
+        """Least-loaded actor of one stage (indices first..first+count), on `node` if one is there."""
+        if count == 0:
+            return None
+        idx = range(first, first + count)
+        local = [j for j in idx if self.actor_node[j] == node]
+        return min(local or idx, key=lambda j: (self.load[j], j))
+
+    def assign(self) -> tuple[Any, str, int, int | None]:
+        """An idle worker and the generator and detector (indices into load) its next shard uses."""
+        w, node = self.idle.pop(0)
+        g = self.pick(node, 0, len(self.generators))
+        d = self.pick(node, len(self.generators), len(self.detectors))
+        assert g is not None
+        self.load[g] += 1
+        if d is not None:
+            self.load[d] += 1
+        return w, node, g, d
+
+    def release(self, g: int, d: int | None) -> None:
+        self.load[g] -= 1
+        if d is not None:
+            self.load[d] -= 1
+
+
+def _worker_lost(err: BaseException) -> bool:
+    """The shard worker process itself is gone (its node died or lost its link), as opposed to the
+    shard raising inside it. A RayTaskError that wraps an actor error (the generator died under the
+    shard) is an instance of that error too, so it is ruled out first."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return False
+    return isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
 def _error_record(name: str, index: int, err: BaseException, attempts: int) -> dict[str, Any]:
@@ -399,37 +538,56 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
             except ray.exceptions.RayActorError as err:
                 raise ModelLoadError(f"the detector actors could not load their models: {_actor_cause(err)}") from None
         info = ray.get(actors[0].info.remote())
-        # No Ray-level retries: a shard whose node or worker dies comes back here as an error and is
-        # re-submitted with attempt + 1, so its stats record every attempt it took (Ray retries
-        # would re-run it silently under the same attempt number).
-        task = ray.remote(_shard_task).options(num_cpus=rt.shard_task_cpus, max_retries=0)
         cfg_ref = ray.put(cfg_dict)
         max_in_flight = rt.max_shards_in_flight or 2 * rt.num_generators
-        in_flight: dict[Any, tuple[int, int]] = {}
+        # One shard worker per shard in flight, spread over the generators' nodes. No Ray-level
+        # retries: a shard whose worker or node dies comes back here as an error and is re-submitted
+        # with attempt + 1, so its stats record every attempt it took.
+        nodes = ray.get([a.where.remote() for a in [*actors, *detectors]])
+        pool = _Pool(actors, detectors, [n["node_id"] for n in nodes], rt.shard_task_cpus, max_in_flight)
+        for k in range(max_in_flight):
+            pool.add_worker(near=k % len(actors))
+        in_flight: dict[Any, tuple[int, int, Any, str, int, int | None]] = {}
         attempts: dict[int, int] = {}
-        submitted = 0
         progress = BuildProgress(plan.target, plan.num_shards, enabled=rt.progress)
         progress.start(summary.accepted, summary.committed)
         t_first: float | None = None
+        committed = set(state.committed)
         try:
             while pending or in_flight:
-                while pending and len(in_flight) < max_in_flight:
+                while pending and pool.idle:
                     if t_first is None:
                         t_first = time.time()
                     i = pending.popleft()
                     attempts[i] = attempts.get(i, 0) + 1
-                    actor = actors[submitted % len(actors)]
-                    detector = detectors[submitted % len(detectors)] if detectors else None
-                    submitted += 1
-                    ref = task.remote(cfg_ref, i, out, actor, detector, build_id, attempts[i], info)
-                    in_flight[ref] = (i, attempts[i])
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                    w, node, g, d = pool.assign()
+                    det = detectors[d - len(actors)] if d is not None else None
+                    ref = w.run.remote(cfg_ref, i, out, actors[g], det, build_id, attempts[i], info)
+                    in_flight[ref] = (i, attempts[i], w, node, g, d)
+                waiting = [*in_flight, *pool.starting]
+                if waiting:
+                    ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+                else:  # no shard running, no worker starting: lost workers wait on the model actors
+                    ready = []
+                    time.sleep(1.0)
                 for ref in ready:
-                    i, attempt = in_flight.pop(ref)
+                    if ref in pool.starting:
+                        w = pool.starting.pop(ref)
+                        try:
+                            pool.idle.append((w, ray.get(ref)["node_id"]))
+                        except Exception as err:  # noqa: BLE001 - a worker that cannot start is replaced
+                            pool.lose(w, err)
+                        continue
+                    i, attempt, w, node, g, d = in_flight.pop(ref)
+                    pool.release(g, d)
                     name = plan.shard_name(i)
                     try:
                         stats = ray.get(ref)
                     except Exception as err:  # noqa: BLE001 - any shard error is retried, then recorded
+                        if _worker_lost(err):
+                            pool.lose(w, err)
+                        else:
+                            pool.idle.append((w, node))
                         if attempt <= cfg.build.shard_retries:
                             log.warning("shard %s attempt %d failed (%s); retrying", name, attempt, _short(err))
                             pending.appendleft(i)
@@ -440,6 +598,8 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                             log.error("shard %s failed after %d attempts: %s", name, attempt, rec["error"])
                             progress.shard_failed()
                         continue
+                    pool.idle.append((w, node))
+                    committed.add(name)
                     clear_failure(layout, name)
                     summary.committed += 1
                     summary.accepted += int(stats["samples"])
@@ -448,15 +608,23 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                         summary.rejected[reason] = summary.rejected.get(reason, 0) + int(n)
                     progress.shard_done(int(stats["samples"]), int(stats["candidates"]), summary.rejected)
                     del attempts[i]
+                pool.replace()
                 progress.tick()
+            if pool.lost:
+                # A worker killed mid-shard leaves that attempt's temporary files; the shard was
+                # redone elsewhere, so they are garbage (a resume would sweep them too).
+                clean_uncommitted(layout, dict.fromkeys(committed))
             summary.shards_seconds = time.time() - t_first if t_first is not None else 0.0
             summary.generators = _actor_busy("generator", actors, summary.shards_seconds)
             summary.detectors = _actor_busy("detector", detectors, summary.shards_seconds)
             progress.actors_busy([b.describe() for b in [*summary.generators, *summary.detectors]])
         finally:
             progress.stop()
-            for a in [*actors, *detectors]:
-                ray.kill(a)
+            for a in [*pool.workers, *actors, *detectors]:
+                try:
+                    ray.kill(a)
+                except Exception as err:  # noqa: BLE001 - an actor whose node is gone cannot be killed
+                    log.debug("could not kill %s: %s", a, _short(err))
     finally:
         if started:
             ray.shutdown()

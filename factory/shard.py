@@ -54,7 +54,7 @@ def run_shard(
 ) -> dict[str, Any]:
     """Fill, write and commit shard `index`; returns its stats (the commit marker's content).
 
-    `node` (Ray's node id and IP when run as a Ray task) goes into the stats next to the hostname:
+    `node` (Ray's node id and IP, and the shard worker's actor id, when run on Ray) goes into the stats next to the hostname:
     several Ray nodes may share one hostname (containers, network namespaces).
     """
     t0 = time.time()

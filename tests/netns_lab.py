@@ -51,13 +51,12 @@ RAY_FAST_FAILURE = {
 class CpuCap:
     """A CPU cgroup capped at `cpus` CPUs (CFS quota over a 100 ms period), with its CPU use:
     cgroup v2 (`cpu.max`) where the cpu controller is on the unified tree, else v1's `cpu`
-    hierarchy for the cap and `cpuacct` for the usage. A process written to `procs` (and every
+    hierarchy for the cap and `cpuacct` for the usage. A command run through `wrap()` (and every
     child it forks) is capped and counted; `remove()` deletes the groups once they are empty."""
 
     PERIOD_US = 100_000
 
     def __init__(self, name: str, cpus: float):
-        self.cpus = cpus
         quota = max(1000, int(cpus * self.PERIOD_US))
         v2 = Path("/sys/fs/cgroup")
         controllers = v2 / "cgroup.controllers"
@@ -229,10 +228,11 @@ class Lab:
         return [int(x) for x in out.stdout.split()]
 
     def running_shard_task(self, i: int) -> bool:
-        """A Ray worker of host i is executing a shard task right now (Ray sets its process title)."""
+        """A shard worker of host i is executing a shard task right now (Ray titles the process
+        `ray::ShardWorker.run` while the call runs, `ray::ShardWorker` between calls)."""
         for pid in self.pids(i):
             try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_shard_task"):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ShardWorker.run"):
                     return True
             except OSError:
                 continue

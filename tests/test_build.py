@@ -125,7 +125,7 @@ def _ray_pids_of(session_pgid: int) -> list[int]:
 
 
 def test_sigkill_mid_build_then_resume_is_byte_identical(tmp_path):
-    args = ["--target", "1200", "--shard-size", "100", *FAST]
+    args = ["--target", "600", "--shard-size", "50", *FAST]
     ref = tmp_path / "ref"
     factory("build", *args, "--out", str(ref), check=True)
 

@@ -81,8 +81,9 @@ def _check_corpus(out: Path) -> dict[str, dict]:
     assert {p.stem for p in shards.glob("*.tar")} == set(stats) == {p.stem for p in shards.glob("*.parquet")}
     keys = [k for p in sorted(shards.glob("*.parquet")) for k in pq.read_table(p, columns=["key"])["key"].to_pylist()]
     assert len(keys) == len(set(keys)) == TARGET
-    # A writer killed mid-shard leaves its temporary files (never a final name); the build that
-    # redid the shard elsewhere does not remove them, the next resume does (clean_uncommitted).
+    # A writer killed mid-shard leaves its temporary files (never a final name). The build sweeps
+    # them at its end when it lost a shard worker, but a cut-off host may still be writing then;
+    # the next resume removes what is left (clean_uncommitted).
     leftovers = sorted(p.name for p in shards.iterdir() if p.name.startswith(".tmp-"))
     if leftovers:
         print("temporary files of killed writers:", leftovers)
@@ -103,10 +104,15 @@ def _cluster(lab: Callable[[int], Lab]) -> Lab:
 
 
 def test_job_submit_runs_on_worker_hosts(lab, working_dir, tmp_path):
-    """A job submitted from outside runs its shards on the worker hosts; the manifest names each node."""
+    """A job submitted from outside runs its shards on the worker hosts; the manifest names each node.
+
+    Shard workers sit beside the generators, so the build asks for two generators, sized so that
+    two never fit on one 2-CPU host: one per host, each with its own shard workers."""
     cl = _cluster(lab)
     out = tmp_path / "out"
-    sid = cl.submit(working_dir, *_build_cmd(out))
+    two = ["runtime.num_generators=2", "runtime.generator_cpus=1.2", "runtime.detector_cpus=0.3",
+           "runtime.shard_task_cpus=0.1"]  # fmt: skip
+    sid = cl.submit(working_dir, *_build_cmd(out, *[a for kv in two for a in ("--set", kv)]))
     status = cl.wait_job(sid, 300)
     assert status == "SUCCEEDED", cl.job_logs(sid)[-4000:]
     stats = _check_corpus(out)
@@ -114,6 +120,8 @@ def test_job_submit_runs_on_worker_hosts(lab, working_dir, tmp_path):
     print("shards per node:", {ip: sum(s["node_ip"] == ip for s in stats.values()) for ip in ips})
     assert ips == {cl.addr(1), cl.addr(2)}, ips
     assert all(s["attempt"] == 1 and s["node_id"] for s in stats.values())
+    # the 4 shards in flight ran on 4 shard workers that lived for the whole build
+    assert len({s["worker_id"] for s in stats.values()}) == 4
 
 
 class Fault:

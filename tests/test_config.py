@@ -88,3 +88,12 @@ def test_build_json_frozen_and_resume_refuses_other_config(tmp_path):
     _, rec3 = prepare_output(other, out, new_build=True)
     assert rec3["build_id"] == other.identity_hash() != rec["build_id"]
     assert not (tmp_path / "out" / "shards" / "mifa-000000.tar").exists()
+
+
+def test_detector_threads_follow_the_actor_cpu_share():
+    """0 (the default) gives ONNX Runtime the CPUs the detector actor reserves, never fewer than 1;
+    a set value wins."""
+    assert load_config(None, []).runtime.detector_threads_used == 1  # detector_cpus 0.5
+    assert load_config(None, ["runtime.detector_cpus=2"]).runtime.detector_threads_used == 2
+    assert load_config(None, ["runtime.detector_cpus=0.25"]).runtime.detector_threads_used == 1
+    assert load_config(None, ["runtime.detector_threads=3"]).runtime.detector_threads_used == 3

@@ -432,7 +432,11 @@ def _overfit_batch() -> PuppetFaceDataset:
     return torch.utils.data.Subset(pool, ok[:16])
 
 
-@pytest.mark.timeout(1200)  # about 6 min on 2 free cores; the default 600 s left no room for a busy machine
+# About 10 min on 2 free cores (1.0 s a step), two thirds of the default run's 15-min budget on
+# its own: left out of it (`bash tests/run.sh -m slow` runs it). Smaller batches or attention only
+# at 8x8 stop the denoise and identity terms short of 10x within 400-500 steps (measured: 7-9x).
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_overfitting_16_samples_drives_every_loss_down_10x_and_labels_to_f1_1(tmp_path):
     from detectors.metrics import f1_per_au
 

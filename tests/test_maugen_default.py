@@ -133,7 +133,7 @@ def test_shipped_checkpoint_labels_agree_with_independent_detectors_on_heldout_i
 
 def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
     out = tmp_path / "out"
-    args = ["--target", "16", "--shard-size", "8", "--out", str(out), "--set", "generator=maugen", *BUILD_SETS]
+    args = ["--target", "8", "--shard-size", "4", "--out", str(out), "--set", "generator=maugen", *BUILD_SETS]
     p = factory("build", *args, "--set", "runtime.object_store_mb=100", "--set", "runtime.progress=false")
     assert p.returncode == 0, p.stderr[-3000:]
     build = json.loads((out / "build.json").read_text())
@@ -141,7 +141,7 @@ def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
     ck = resolve_checkpoint("builtin:tiny-puppet")
     assert build["models"]["maugen:builtin:tiny-puppet"] == checkpoint_hash(ck)
     stats = [json.loads(f.read_text()) for f in sorted((out / "shards").glob("*.stats.json"))]
-    assert sum(s["funnel"]["accepted"] for s in stats) == 16
+    assert sum(s["funnel"]["accepted"] for s in stats) == 8
     # every candidate went through detect and the named checks: accepted + rejections add up
     for s in stats:
         assert s["detect"]["enabled"] and s["generator"].startswith("maugen@"), s

@@ -1,0 +1,135 @@
+"""Shard workers: long-lived actors that run the shard tasks (issue 7).
+
+One process per shard in flight for the whole build, each shard handed the least-loaded generator
+and detector on its worker's node, and a worker that dies mid-shard replaced while its shard is
+re-run with attempt + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import FAST, ROOT, factory
+
+from factory.graph import _Pool, _worker_lost
+
+
+def _pool(gen_nodes: list[str], det_nodes: list[str]) -> _Pool:
+    gens, dets = [f"g{i}" for i in range(len(gen_nodes))], [f"d{i}" for i in range(len(det_nodes))]
+    return _Pool(gens, dets, [*gen_nodes, *det_nodes], cpus=0.25)
+
+
+def test_pool_hands_a_worker_the_least_loaded_actors_on_its_node():
+    pool = _pool(["A", "A", "B"], ["B", "A"])
+    pool.idle = [("w1", "A"), ("w2", "A"), ("w3", "A"), ("w4", "B"), ("w5", "C")]
+    # generators 0, 1 on A, 2 on B; detectors (load indices 3, 4) on B and A
+    assert pool.assign()[2:] == (0, 4)
+    assert pool.assign()[2:] == (1, 4)  # generator 0 now serves one shard, 1 none
+    assert pool.assign()[2:] == (0, 4)  # tie between 0 and 1 goes to the lower index
+    assert pool.assign()[2:] == (2, 3)  # node B has its own generator and detector
+    # node C has neither: the least-loaded anywhere (generators 1 and 2 serve one shard each,
+    # detector 3 one and detector 4 three)
+    assert pool.assign()[2:] == (1, 3)
+    assert pool.load == [2, 2, 1, 2, 3] and not pool.idle
+    pool.release(0, 4)
+    pool.release(2, 3)
+    assert pool.load == [1, 2, 0, 1, 2]
+
+
+def test_pool_without_detectors():
+    pool = _pool(["A"], [])
+    pool.idle = [("w", "A")]
+    assert pool.assign() == ("w", "A", 0, None)
+    pool.release(0, None)
+    assert pool.load == [0]
+
+
+def test_worker_lost_tells_a_dead_worker_from_a_failing_shard():
+    import ray.exceptions as rex
+
+    died = rex.ActorDiedError()
+    assert _worker_lost(died)
+    assert _worker_lost(rex.ActorUnavailableError("unreachable", None))
+    # the generator died under the shard: Ray wraps it in a RayTaskError that is also an
+    # ActorDiedError, but the shard worker itself is alive
+    wrapped = rex.RayTaskError("ShardWorker.run", "traceback", died).as_instanceof_cause()
+    assert isinstance(wrapped, rex.ActorDiedError) and not _worker_lost(wrapped)
+    assert not _worker_lost(rex.RayTaskError("ShardWorker.run", "traceback", ValueError("bad")))
+    assert not _worker_lost(ValueError("bad"))
+
+
+def _stats(out: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.stats.json"))}
+
+
+def test_one_worker_process_per_shard_in_flight_for_the_whole_build(tmp_path):
+    """Ten shards, two in flight: two shard workers build all of them (a Ray task per shard could
+    land on a fresh worker process each time, re-importing torch and the factory)."""
+    out = tmp_path / "out"
+    args = ["--target", "200", "--shard-size", "20", "--out", str(out), *FAST, "--set", "runtime.max_shards_in_flight=2"]
+    factory("build", *args, check=True)
+    stats = _stats(out)
+    assert len(stats) == 10
+    workers = {s["worker_id"] for s in stats.values()}
+    assert len(workers) == 2 and all(len(w) == 32 for w in workers), workers  # Ray actor ids, hex
+    assert all(s["attempt"] == 1 for s in stats.values())
+
+
+def _worker_running_a_shard() -> int | None:
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().startswith(b"ray::ShardWorker.run"):
+                    return int(d.name)
+            except OSError:
+                continue
+    return None
+
+
+def test_worker_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path):
+    """SIGKILL a shard worker while it runs a shard: the driver starts another worker, re-runs the
+    shard with attempt 2, and the build finishes whole."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("MIFA_FAULTS", "MIFA_INJECT")}
+    args = ["--target", "600", "--shard-size", "50", "--out", str(out), *FAST]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "factory.cli", "build", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        victim = None
+        deadline = time.time() + 240
+        while victim is None and proc.poll() is None and time.time() < deadline:
+            if (out / "shards").is_dir() and len(list((out / "shards").glob("*.stats.json"))) >= 2:
+                victim = _worker_running_a_shard()
+            time.sleep(0.05)
+        assert victim is not None, "no shard worker was seen running a shard"
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-4000:]
+    assert "a shard worker was lost" in err, err[-4000:]
+    stats = _stats(out)
+    assert len(stats) == 12 and sum(s["samples"] for s in stats.values()) == 600
+    assert any(s["attempt"] == 2 for s in stats.values())  # the shard it was running, redone
+    assert 2 <= len({s["worker_id"] for s in stats.values()}) <= 3  # the survivor, maybe the replacement
+    assert factory("verify", str(out)).returncode == 0
+    assert not list(out.rglob(".tmp-*"))  # the killed attempt's temporary tar, swept at the end
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
