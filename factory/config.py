@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -177,7 +177,11 @@ class DetectConfig(_Section):
 class RuntimeConfig(_Section):
     """How the build runs. Not part of the build's identity: a resume may change it."""
 
-    num_generators: int = Field(1, ge=1, description="generator actors (1 GPU each on a GPU cluster)")
+    num_generators: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="generator actors (1 GPU each on a GPU cluster); auto: as many as the cluster's GPUs hold "
+        "beside the detectors (generator_gpus > 0), else its CPUs with 2 shard workers each",
+    )
     generator_gpus: float = Field(0.0, ge=0.0, description="GPUs per generator actor (0 on CPU)")
     generator_cpus: float = Field(1.0, gt=0.0)
     shard_task_cpus: float = Field(0.25, gt=0.0, description="CPUs each shard worker reserves (one per shard in flight; it mostly waits)")

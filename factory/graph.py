@@ -92,12 +92,14 @@ class ActorBusy:
     busy_s: float  # seconds inside generate() / detect()
     active_s: float  # this actor's own window: start of its first call to end of its last
     fraction: float
+    gpu_ids: list[str] = field(default_factory=list)  # the GPUs Ray gave the actor (none on CPU)
 
     def describe(self) -> str:
         call = "generate" if self.stage == "generator" else "detect"
         return (
             f"{self.stage} {self.actor} busy {self.fraction:.3f} ({self.busy_s:.1f} s in {call}, "
-            f"{self.calls} calls, {self.images} images, active {self.active_s:.1f} s, node {self.node_ip})"
+            f"{self.calls} calls, {self.images} images, active {self.active_s:.1f} s, node {self.node_ip}"
+            + (f", GPU {','.join(self.gpu_ids)})" if self.gpu_ids else ")")
         )
 
 
@@ -175,20 +177,55 @@ def _model_hashes(cfg: FactoryConfig) -> dict[str, str]:
     return hashes
 
 
-def _check_resources(cfg: FactoryConfig) -> None:
-    """Actors hold their CPUs for the whole build: if they leave none for a shard task, nothing runs."""
+def generator_count(cfg: FactoryConfig, resources: dict[str, float]) -> int:
+    """runtime.num_generators, or for `auto` as many generators as the cluster holds: on GPUs, its
+    whole GPUs left beside the detectors' shares; on CPUs, its CPUs left beside the detectors, with
+    room for each generator's 2 shard workers."""
+    rt = cfg.runtime
+    if rt.num_generators != "auto":
+        return rt.num_generators
+    detect = cfg.detect.enabled
+    if rt.generator_gpus > 0:
+        kind, left = "GPU", resources.get("GPU", 0.0) - (rt.num_detectors * rt.detector_gpus if detect else 0.0)
+        per = rt.generator_gpus
+    else:
+        kind, left = "CPU", resources.get("CPU", 0.0) - (rt.num_detectors * rt.detector_cpus if detect else 0.0)
+        per = rt.generator_cpus + 2 * rt.shard_task_cpus
+    n = int(left / per + 1e-9)
+    if n < 1:
+        raise ConfigError(
+            f"config error: runtime.num_generators=auto: the Ray cluster has {resources.get(kind, 0.0):g} {kind}s, "
+            f"{max(left, 0.0):g} left beside the detectors, and a generator needs {per:g}; add {kind}s or lower "
+            f"runtime.generator_{kind.lower()}s"
+        )
+    return n
+
+
+def _check_resources(cfg: FactoryConfig, num_generators: int) -> None:
+    """Actors hold their CPUs and GPUs for the whole build: ones that do not fit wait forever, and
+    actors that leave no CPU for a shard worker run nothing."""
     import ray
 
     rt = cfg.runtime
-    total = float(ray.cluster_resources().get("CPU", 0.0))
-    actors = rt.num_generators * rt.generator_cpus
+    res = ray.cluster_resources()
+    total = float(res.get("CPU", 0.0))
+    actors = num_generators * rt.generator_cpus
+    gpus = num_generators * rt.generator_gpus
     if cfg.detect.enabled:
         actors += rt.num_detectors * rt.detector_cpus
+        gpus += rt.num_detectors * rt.detector_gpus
     if actors + rt.shard_task_cpus > total + 1e-9:
         raise ConfigError(
-            f"config error: runtime: the actors reserve {actors:g} CPUs and a shard task {rt.shard_task_cpus:g}, "
+            f"config error: runtime: the actors reserve {actors:g} CPUs and a shard worker {rt.shard_task_cpus:g}, "
             f"but the Ray cluster has {total:g}; lower runtime.generator_cpus / runtime.detector_cpus / "
             "runtime.num_generators / runtime.num_detectors, or add CPUs"
+        )
+    have = float(res.get("GPU", 0.0))
+    if gpus > have + 1e-9:
+        raise ConfigError(
+            f"config error: runtime: {num_generators} generators x {rt.generator_gpus:g} GPU and the detectors' "
+            f"shares need {gpus:g} GPUs, but the Ray cluster has {have:g}; lower runtime.num_generators (or set it "
+            "to auto) / runtime.generator_gpus / runtime.detector_gpus, or add GPU nodes"
         )
 
 
@@ -267,6 +304,7 @@ class _BusyMeter:
         active = self.last_end - self.first_start if self.first_start is not None and self.last_end else 0.0
         return {
             "node_ip": ray.util.get_node_ip_address(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "calls": self.calls,
             "images": self.images,
             "busy_s": self.busy_s,
@@ -521,12 +559,13 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     started = _init_ray(cfg)
     try:
         rt = cfg.runtime
-        _check_resources(cfg)
+        num_generators = generator_count(cfg, ray.cluster_resources())
+        _check_resources(cfg, num_generators)
         cfg_dict = cfg.model_dump(mode="json")
         actor_cls = ray.remote(GeneratorActor).options(
             num_cpus=rt.generator_cpus, num_gpus=rt.generator_gpus, max_restarts=3, max_task_retries=2
         )
-        actors = [actor_cls.remote(cfg_dict) for _ in range(rt.num_generators)]
+        actors = [actor_cls.remote(cfg_dict) for _ in range(num_generators)]
         detectors: list[Any] = []
         if cfg.detect.enabled:
             det_cls = ray.remote(DetectorActor).options(
@@ -539,7 +578,7 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                 raise ModelLoadError(f"the detector actors could not load their models: {_actor_cause(err)}") from None
         info = ray.get(actors[0].info.remote())
         cfg_ref = ray.put(cfg_dict)
-        max_in_flight = rt.max_shards_in_flight or 2 * rt.num_generators
+        max_in_flight = rt.max_shards_in_flight or 2 * num_generators
         # One shard worker per shard in flight, spread over the generators' nodes. No Ray-level
         # retries: a shard whose worker or node dies comes back here as an error and is re-submitted
         # with attempt + 1, so its stats record every attempt it took.
@@ -652,7 +691,9 @@ def _actor_busy(stage: str, actors: list[Any], window_s: float, timeout_s: float
             continue
         frac = b["busy_s"] / window_s if window_s > 0 else 0.0
         out.append(
-            ActorBusy(stage, refs[ref], b["node_ip"], b["calls"], b["images"], b["busy_s"], b["active_s"], frac)
+            ActorBusy(
+                stage, refs[ref], b["node_ip"], b["calls"], b["images"], b["busy_s"], b["active_s"], frac, b["gpu_ids"]
+            )
         )
     return sorted(out, key=lambda g: g.actor)
 

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 import factory.graph
 from factory.cli import app
 from factory.config import FactoryConfig
+from factory.graph import generator_count
 
 DEPLOY = ROOT / "deploy"
 RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"
@@ -139,14 +140,15 @@ def launcher_nodes(doc: dict[str, Any]) -> list[Node]:
 
 
 def fit_problems(cfg: FactoryConfig, nodes: list[Node]) -> list[str]:
-    """Pack the build's actors onto NODES (first fit, largest first), then its shard tasks."""
+    """Pack the build's actors onto NODES (first fit, largest first), then its shard workers."""
     rt = cfg.runtime
     problems = []
     if rt.generator_gpus != 1:
         problems.append(f"runtime.generator_gpus={rt.generator_gpus:g}: a GPU cluster runs 1 generator per GPU")
     if cfg.generator == "maugen" and cfg.maugen.device == "cpu":
         problems.append("maugen.device=cpu on a GPU cluster")
-    actors = [("generator", rt.generator_cpus, rt.generator_gpus)] * rt.num_generators
+    n_gen = generator_count(cfg, {"CPU": sum(n.cpu for n in nodes), "GPU": sum(n.gpu for n in nodes)})
+    actors = [("generator", rt.generator_cpus, rt.generator_gpus)] * n_gen
     if cfg.detect.enabled:
         actors += [("detector", rt.detector_cpus, rt.detector_gpus)] * rt.num_detectors
     free = [[n.cpu, n.gpu] for n in nodes]
@@ -158,10 +160,10 @@ def fit_problems(cfg: FactoryConfig, nodes: list[Node]) -> list[str]:
                 break
         else:
             problems.append(f"a {kind} actor ({cpus:g} CPU, {gpus:g} GPU) fits on no node: add workers")
-    in_flight = rt.max_shards_in_flight or 2 * rt.num_generators
+    in_flight = rt.max_shards_in_flight or 2 * n_gen
     spare = sum(f[0] for f in free)
     if spare + EPS < in_flight * rt.shard_task_cpus:
-        problems.append(f"{in_flight} shard tasks need {in_flight * rt.shard_task_cpus:g} CPUs, {spare:g} are left")
+        problems.append(f"{in_flight} shard workers need {in_flight * rt.shard_task_cpus:g} CPUs, {spare:g} are left")
     for n in nodes:
         if n.gpu and n.memory < MIN_MEMORY_PER_GPU * n.gpu:
             problems.append(f"{n.name}: {n.memory / 2**30:.0f} GiB for {n.gpu:g} GPUs, want >= 16 GiB per GPU")
