@@ -184,8 +184,12 @@ class RuntimeConfig(_Section):
     )
     generator_gpus: float = Field(0.0, ge=0.0, description="GPUs per generator actor (0 on CPU)")
     generator_cpus: float = Field(1.0, gt=0.0)
-    shard_task_cpus: float = Field(0.25, gt=0.0, description="CPUs each shard worker reserves (one per shard in flight; it mostly waits)")
-    max_shards_in_flight: int | None = Field(None, ge=1, description="shard workers, one shard each (default: 2 per generator actor)")
+    shard_task_cpus: float = Field(
+        0.25, gt=0.0, description="CPUs each shard worker reserves (one per shard in flight; it mostly waits)"
+    )
+    max_shards_in_flight: int | None = Field(
+        None, ge=1, description="shard workers, one shard each (default: 2 per generator actor)"
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
     object_store_mb: int = Field(256, ge=80, description="object store of the embedded local Ray")
     num_detectors: int = Field(1, ge=1, description="detector actors (AU detectors + realism, loaded once each)")

@@ -177,6 +177,14 @@ def _model_hashes(cfg: FactoryConfig) -> dict[str, str]:
     return hashes
 
 
+def _detectors_ask(cfg: FactoryConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the detector actors hold for the whole build (none with detect off)."""
+    rt = cfg.runtime
+    if not cfg.detect.enabled:
+        return 0.0, 0.0
+    return rt.num_detectors * rt.detector_cpus, rt.num_detectors * rt.detector_gpus
+
+
 def generator_count(cfg: FactoryConfig, resources: dict[str, float]) -> int:
     """runtime.num_generators, or for `auto` as many generators as the cluster holds: on GPUs, its
     whole GPUs left beside the detectors' shares; on CPUs, its CPUs left beside the detectors, with
@@ -184,13 +192,11 @@ def generator_count(cfg: FactoryConfig, resources: dict[str, float]) -> int:
     rt = cfg.runtime
     if rt.num_generators != "auto":
         return rt.num_generators
-    detect = cfg.detect.enabled
+    det_cpus, det_gpus = _detectors_ask(cfg)
     if rt.generator_gpus > 0:
-        kind, left = "GPU", resources.get("GPU", 0.0) - (rt.num_detectors * rt.detector_gpus if detect else 0.0)
-        per = rt.generator_gpus
+        kind, left, per = "GPU", resources.get("GPU", 0.0) - det_gpus, rt.generator_gpus
     else:
-        kind, left = "CPU", resources.get("CPU", 0.0) - (rt.num_detectors * rt.detector_cpus if detect else 0.0)
-        per = rt.generator_cpus + 2 * rt.shard_task_cpus
+        kind, left, per = "CPU", resources.get("CPU", 0.0) - det_cpus, rt.generator_cpus + 2 * rt.shard_task_cpus
     n = int(left / per + 1e-9)
     if n < 1:
         raise ConfigError(
@@ -201,26 +207,21 @@ def generator_count(cfg: FactoryConfig, resources: dict[str, float]) -> int:
     return n
 
 
-def _check_resources(cfg: FactoryConfig, num_generators: int) -> None:
+def _check_resources(cfg: FactoryConfig, num_generators: int, resources: dict[str, float]) -> None:
     """Actors hold their CPUs and GPUs for the whole build: ones that do not fit wait forever, and
     actors that leave no CPU for a shard worker run nothing."""
-    import ray
-
     rt = cfg.runtime
-    res = ray.cluster_resources()
-    total = float(res.get("CPU", 0.0))
-    actors = num_generators * rt.generator_cpus
-    gpus = num_generators * rt.generator_gpus
-    if cfg.detect.enabled:
-        actors += rt.num_detectors * rt.detector_cpus
-        gpus += rt.num_detectors * rt.detector_gpus
+    det_cpus, det_gpus = _detectors_ask(cfg)
+    total = float(resources.get("CPU", 0.0))
+    actors = num_generators * rt.generator_cpus + det_cpus
+    gpus = num_generators * rt.generator_gpus + det_gpus
     if actors + rt.shard_task_cpus > total + 1e-9:
         raise ConfigError(
             f"config error: runtime: the actors reserve {actors:g} CPUs and a shard worker {rt.shard_task_cpus:g}, "
             f"but the Ray cluster has {total:g}; lower runtime.generator_cpus / runtime.detector_cpus / "
             "runtime.num_generators / runtime.num_detectors, or add CPUs"
         )
-    have = float(res.get("GPU", 0.0))
+    have = float(resources.get("GPU", 0.0))
     if gpus > have + 1e-9:
         raise ConfigError(
             f"config error: runtime: {num_generators} generators x {rt.generator_gpus:g} GPU and the detectors' "
@@ -559,8 +560,9 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     started = _init_ray(cfg)
     try:
         rt = cfg.runtime
-        num_generators = generator_count(cfg, ray.cluster_resources())
-        _check_resources(cfg, num_generators)
+        resources = ray.cluster_resources()
+        num_generators = generator_count(cfg, resources)
+        _check_resources(cfg, num_generators, resources)
         cfg_dict = cfg.model_dump(mode="json")
         actor_cls = ray.remote(GeneratorActor).options(
             num_cpus=rt.generator_cpus, num_gpus=rt.generator_gpus, max_restarts=3, max_task_retries=2

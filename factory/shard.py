@@ -54,8 +54,9 @@ def run_shard(
 ) -> dict[str, Any]:
     """Fill, write and commit shard `index`; returns its stats (the commit marker's content).
 
-    `node` (Ray's node id and IP, and the shard worker's actor id, when run on Ray) goes into the stats next to the hostname:
-    several Ray nodes may share one hostname (containers, network namespaces).
+    `node` (Ray's node id and IP, and the shard worker's actor id, when run on Ray) goes into the
+    stats next to the hostname: several Ray nodes may share one hostname (containers, network
+    namespaces).
     """
     t0 = time.time()
     layout = Layout(out)

@@ -48,6 +48,15 @@ RAY_FAST_FAILURE = {
 }
 
 
+def runs_a_shard(pid: int) -> bool:
+    """Process `pid` is a shard worker executing a shard task right now (Ray titles the process
+    `ray::ShardWorker.run` while the call runs, `ray::ShardWorker` between calls)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ShardWorker.run")
+    except OSError:
+        return False
+
+
 class CpuCap:
     """A CPU cgroup capped at `cpus` CPUs (CFS quota over a 100 ms period), with its CPU use:
     cgroup v2 (`cpu.max`) where the cpu controller is on the unified tree, else v1's `cpu`
@@ -228,15 +237,8 @@ class Lab:
         return [int(x) for x in out.stdout.split()]
 
     def running_shard_task(self, i: int) -> bool:
-        """A shard worker of host i is executing a shard task right now (Ray titles the process
-        `ray::ShardWorker.run` while the call runs, `ray::ShardWorker` between calls)."""
-        for pid in self.pids(i):
-            try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ShardWorker.run"):
-                    return True
-            except OSError:
-                continue
-        return False
+        """A shard worker of host i is executing a shard task right now."""
+        return any(runs_a_shard(pid) for pid in self.pids(i))
 
     def kill_host(self, i: int) -> None:
         """SIGKILL every process in host i's namespace (and the `ray start` groups we started there)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST, ROOT, factory
+from netns_lab import runs_a_shard
 
 from factory.graph import _Pool, _worker_lost
 
@@ -73,7 +74,8 @@ def test_one_worker_process_per_shard_in_flight_for_the_whole_build(tmp_path):
     """Ten shards, two in flight: two shard workers build all of them (a Ray task per shard could
     land on a fresh worker process each time, re-importing torch and the factory)."""
     out = tmp_path / "out"
-    args = ["--target", "200", "--shard-size", "20", "--out", str(out), *FAST, "--set", "runtime.max_shards_in_flight=2"]
+    args = ["--target", "200", "--shard-size", "20", "--out", str(out), *FAST,
+            "--set", "runtime.max_shards_in_flight=2"]  # fmt: skip
     factory("build", *args, check=True)
     stats = _stats(out)
     assert len(stats) == 10
@@ -83,14 +85,7 @@ def test_one_worker_process_per_shard_in_flight_for_the_whole_build(tmp_path):
 
 
 def _worker_running_a_shard() -> int | None:
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if (d / "cmdline").read_bytes().startswith(b"ray::ShardWorker.run"):
-                    return int(d.name)
-            except OSError:
-                continue
-    return None
+    return next((int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and runs_a_shard(int(d.name))), None)
 
 
 def test_worker_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path):
