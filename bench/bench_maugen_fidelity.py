@@ -5,7 +5,8 @@ and runs the three builtin AU detectors (k=2) and the realism discriminator on t
 prints mean F1 (FACS.md's definition) of MAUGen's labels vs the prompt targets, of its labels vs
 the detector consensus, and of the targets vs the consensus (per AU and mean), the realism
 acceptance, the share of samples that pass the build's checks at their default thresholds, and
-the generator's images/s. It tracks a training run between checkpoints (`factory eval` measures a
+the generator's images/s. It samples as a build does by default (`maugen.scheduler`, `steps`,
+`guidance_scale`). It tracks a training run between checkpoints (`factory eval` measures a
 built corpus); `--grid PNG` saves the first 32 images.
 
 Run: python bench/bench_maugen_fidelity.py --checkpoint RUN/checkpoints/step-0002000/pipeline [--n 32]
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detectors.data import identities  # noqa: E402
 from detectors.metrics import AU_KEYS, f1_per_au  # noqa: E402
 from detectors.panel import DetectorPanel  # noqa: E402
-from factory.config import ChecksConfig  # noqa: E402
+from factory.config import ChecksConfig, MAUGenGeneratorConfig  # noqa: E402
 from factory.shard import label_consensus_jaccard  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.facs import jaccard  # noqa: E402
@@ -36,9 +37,15 @@ from pipelines.prompts import grammar_expand  # noqa: E402
 from pipelines.prompts.targets import random_requests  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
 
+_SAMPLING = MAUGenGeneratorConfig()  # sample as a build does unless told otherwise
+
 
 def fidelity(
-    checkpoint: str, n: int = 32, steps: int = 25, scheduler: str = "ddim", guidance: float = 3.0
+    checkpoint: str,
+    n: int = 32,
+    steps: int = _SAMPLING.steps,
+    scheduler: str = _SAMPLING.scheduler,
+    guidance: float = _SAMPLING.guidance_scale,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Sample `n` held-out identities with random grammar prompts; (numbers, images)."""
     pipe = MAUGenPipeline.from_pretrained(checkpoint)
@@ -97,9 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="saved MAUGenPipeline directory")
     ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=_SAMPLING.steps, help="default: the build's maugen.steps")
+    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=_SAMPLING.scheduler)
+    ap.add_argument("--guidance", type=float, default=_SAMPLING.guidance_scale)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", help="save the first 32 images to this PNG")
     args = ap.parse_args()

@@ -97,9 +97,10 @@ def resume(
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Resume a build from OUT/build.json alone (only `runtime.*` may be overridden)."""
+    """Resume a build from OUT/build.json alone (only `runtime.*`, build.max_oversample and
+    build.shard_retries may be overridden: they never change a committed shard)."""
     _setup_logging(verbose)
-    from .config import apply_override, config_from_dict
+    from .config import RETRY_KEYS, apply_override, config_from_dict
     from .layout import Layout
 
     layout = Layout(out)
@@ -108,9 +109,10 @@ def resume(
     tree = layout.read_json(layout.build_json)["config"]
     try:
         for assignment in set_ or []:
-            if not assignment.startswith("runtime."):
+            key = assignment.split("=")[0].strip()
+            if not (key.startswith("runtime.") or key in RETRY_KEYS):
                 raise ConfigError(
-                    f"config error: {assignment.split('=')[0]}: resume may only change runtime.* keys; "
+                    f"config error: {key}: resume may only change runtime.* keys and {', '.join(RETRY_KEYS)}; "
                     "use `factory build --new-build` to change the corpus"
                 )
             apply_override(tree, assignment)

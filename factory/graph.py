@@ -26,6 +26,7 @@ from .config import ConfigError, FactoryConfig, config_diff
 from .layout import Layout
 from .manifest import clean_uncommitted, clear_failure, record_failure, scan
 from .plan import Plan
+from .sampler import QuotaExhaustedError
 from .progress import BuildProgress
 
 log = logging.getLogger(__name__)
@@ -514,6 +515,12 @@ def _worker_lost(err: BaseException) -> bool:
     return isinstance(err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
+def _deterministic(err: BaseException) -> bool:
+    """A failure that a re-run replays exactly: a shard that ran out of its candidate budget draws
+    the same candidates again, so retrying it would only spend the budget again."""
+    return isinstance(getattr(err, "cause", None) or err, QuotaExhaustedError)
+
+
 def _error_record(name: str, index: int, err: BaseException, attempts: int) -> dict[str, Any]:
     cause = getattr(err, "cause", None) or err
     return {
@@ -629,7 +636,7 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                             pool.lose(w, err)
                         else:
                             pool.idle.append((w, node))
-                        if attempt <= cfg.build.shard_retries:
+                        if attempt <= cfg.build.shard_retries and not _deterministic(err):
                             log.warning("shard %s attempt %d failed (%s); retrying", name, attempt, _short(err))
                             pending.appendleft(i)
                         else:

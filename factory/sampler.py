@@ -120,7 +120,9 @@ class ShardSampler:
         budget = self.max_candidates - self.drawn
         if budget <= 0:
             raise QuotaExhaustedError(self._exhausted_message())
-        n = int(min(self.batch, np.ceil(total_need), budget))
+        # The round is never cut to the budget: a shard that fills its quotas draws the same
+        # candidates whatever max_oversample is, so raising it on resume leaves committed bytes alone.
+        n = int(min(self.batch, np.ceil(total_need)))
         share = need / total_need * n
         counts = np.floor(share).astype(np.int64)
         short = n - counts.sum()
@@ -174,5 +176,6 @@ class ShardSampler:
         return (
             f"shard {self.spec.name} accepted {int(self.accepted.sum())}/{self.spec.size} after "
             f"{self.drawn} candidates (build.max_oversample={self.cfg.build.max_oversample}); unfilled: {cells}. "
-            "Raise build.max_oversample or loosen the checks that reject these strata."
+            "Raise build.max_oversample (a resume may: `factory resume OUT --set build.max_oversample=N` keeps "
+            "the committed shards) or loosen the checks that reject these strata (a new build)."
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -37,6 +38,12 @@ def factory(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
     if check and proc.returncode != 0:
         raise AssertionError(f"factory {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def shard_stats(out: Path) -> dict[str, dict]:
+    """The committed shards' stats markers of a local build, by shard name (mifa-000001), in order."""
+    markers = sorted((out / "shards").glob("*.stats.json"))
+    return {p.name[: -len(".stats.json")]: json.loads(p.read_text()) for p in markers}
 
 
 @pytest.fixture

@@ -119,6 +119,30 @@ def test_forced_failure_lands_in_failed_and_resume_completes(tmp_path):
     assert factory("verify", str(out)).returncode == 0
 
 
+def test_a_shard_out_of_candidates_fails_at_once_and_a_resume_may_raise_the_budget(tmp_path):
+    """Running out of build.max_oversample is not retried (a re-run would draw the same candidates);
+    `factory resume --set build.max_oversample=N` finishes it without touching the committed shards."""
+    out = tmp_path / "out"
+    env = {"MIFA_INJECT": "blank:0.3"}  # about 70 % of candidates can pass: 1 x the shard size is too few
+    args = ["--target", "40", "--shard-size", "20", "--out", str(out), *FAST, "--set", "build.max_oversample=1"]
+    p = factory("build", *args, env=env)
+    assert p.returncode == 1, p.stderr
+    failed = sorted((out / "failed").glob("*.json"))
+    assert failed and "retrying" not in p.stderr, p.stderr[-3000:]
+    for f in failed:
+        rec = json.loads(f.read_text())
+        assert rec["attempts"] == 1 and rec["type"] == "QuotaExhaustedError", rec
+        assert "factory resume OUT --set build.max_oversample=N" in rec["error"]
+    done = {n: (out / "shards" / n).read_bytes() for n in _names(out, ".tar")}
+    p = factory("resume", str(out), "--set", "build.max_oversample=4", *FAST[2:], env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not list((out / "failed").glob("*.json")) and len(_names(out, ".stats.json")) == 2
+    assert all((out / "shards" / n).read_bytes() == b for n, b in done.items())
+    assert factory("verify", str(out)).returncode == 0
+    p = factory("resume", str(out), "--set", "build.seed=3", env=env)
+    assert p.returncode == 2 and "build.seed" in p.stderr and "build.max_oversample" in p.stderr
+
+
 def _ray_pids_of(session_pgid: int) -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,pgid,cmd"], capture_output=True, text=True).stdout.splitlines()[1:]
     return [int(ln.split()[0]) for ln in out if int(ln.split()[1]) == session_pgid]

@@ -16,7 +16,7 @@ import yaml
 
 from detectors.builtin import resolve
 
-from conftest import FAST, factory
+from conftest import FAST, factory, shard_stats
 
 INJECT = "blank:0.04,noise:0.04,wrong_expression:0.06"
 EXPECTED_REASON = {"blank": "invalid_image", "noise": "realism", "wrong_expression": "label_consensus_jaccard"}
@@ -32,10 +32,6 @@ def injected(tmp_path_factory) -> Path:
     return out
 
 
-def _stats(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.stats.json"))]
-
-
 def _tar_members(out: Path) -> dict[str, dict[str, bytes]]:
     samples: dict[str, dict[str, bytes]] = {}
     for tar in sorted((out / "shards").glob("*.tar")):
@@ -47,7 +43,7 @@ def _tar_members(out: Path) -> dict[str, dict[str, bytes]]:
 
 
 def test_injected_bad_samples_are_rejected_for_the_right_reason(injected):
-    stats = _stats(injected)
+    stats = list(shard_stats(injected).values())
     kept = set(_tar_members(injected))
     assert len(kept) == 300
     seen = {k: 0 for k in EXPECTED_REASON}

@@ -10,7 +10,6 @@ are tests/netns_lab.py's Lab, which bench/bench_cluster_scaling.py uses too.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, factory
+from conftest import FAST, factory, shard_stats
 from netns_lab import CpuCap, Lab, copy_sources, ip, netns_usable, wait
 
 pytestmark = pytest.mark.cluster
@@ -67,15 +66,11 @@ def _build_cmd(out: Path, *extra: str) -> list[str]:
             "--out", str(out), *LOSS_BUILD, *extra]  # fmt: skip
 
 
-def _stats(out: Path) -> dict[str, dict]:
-    return {p.name[: -len(".stats.json")]: json.loads(p.read_text()) for p in (out / "shards").glob("*.stats.json")}
-
-
 def _check_corpus(out: Path) -> dict[str, dict]:
     """verify passes, every shard is whole (tar + parquet + marker, no temporary file), no key twice."""
     v = factory("verify", str(out), timeout=300)
     assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
-    stats = _stats(out)
+    stats = shard_stats(out)
     assert len(stats) == -(-TARGET // SHARD)
     shards = out / "shards"
     assert {p.stem for p in shards.glob("*.tar")} == set(stats) == {p.stem for p in shards.glob("*.parquet")}
@@ -90,7 +85,7 @@ def _check_corpus(out: Path) -> dict[str, dict]:
         r = factory("resume", str(out), timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert not [p.name for p in shards.iterdir() if p.name.startswith(".tmp-")]
-        assert _stats(out) == stats
+        assert shard_stats(out) == stats
     return stats
 
 
@@ -139,7 +134,7 @@ class Fault:
     def __call__(self) -> None:
         if self.victim is not None:
             return
-        done = _stats(self.out) if (self.out / "shards").is_dir() else {}
+        done = shard_stats(self.out) if (self.out / "shards").is_dir() else {}
         if len(done) < self.MIN_DONE:
             return
         for i in self.workers:
@@ -231,7 +226,7 @@ def test_head_killed_then_resume_on_new_cluster(lab, working_dir, tmp_path):
     wait(lambda: fault() or fault.victim is not None, 300, "the build to get under way")
     cl.kill_host(1)
     cl.kill_host(2)
-    before = _stats(out)
+    before = shard_stats(out)
     assert len(before) < -(-TARGET // SHARD), "the build finished before the head was killed"
     build_json = (out / "build.json").read_text()
 

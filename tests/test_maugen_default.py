@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, factory
+from conftest import ROOT, factory, shard_stats
 from test_maugen import MICRO
 
 from detectors.data import identities
@@ -140,7 +140,7 @@ def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
     assert build["config"]["generator"] == "maugen"
     ck = resolve_checkpoint("builtin:tiny-puppet")
     assert build["models"]["maugen:builtin:tiny-puppet"] == checkpoint_hash(ck)
-    stats = [json.loads(f.read_text()) for f in sorted((out / "shards").glob("*.stats.json"))]
+    stats = list(shard_stats(out).values())
     assert sum(s["funnel"]["accepted"] for s in stats) == 8
     # every candidate went through detect and the named checks: accepted + rejections add up
     for s in stats:

@@ -92,9 +92,26 @@ def test_candidate_stream_is_deterministic_and_targets_are_plausible():
 def test_oversample_guard_fails_with_clear_reason():
     cfg = load_config(None, ["build.target=100", "build.shard_size=100", "build.max_oversample=2"])
     sampler = ShardSampler(Plan(cfg).shard(0), cfg)
-    with pytest.raises(QuotaExhaustedError, match=r"accepted \d+/100 after 200 candidates.*max_oversample=2.0"):
+    with pytest.raises(QuotaExhaustedError, match=r"accepted \d+/100 after \d+ candidates.*max_oversample=2.0"):
         _fill(sampler, lambda c: c.emotion != "anger")
-    assert sampler.drawn == 200
+    # it gives up at the first round that would start past the budget; rounds are never cut short
+    assert 200 <= sampler.drawn < 200 + cfg.plan.candidate_batch
+
+
+def test_the_budget_never_changes_the_candidates_of_a_shard_that_fills():
+    """Why a resume may raise build.max_oversample: the shard it lets finish draws exactly what it
+    would have drawn under the larger budget from the start."""
+    def accept(c):  # about 1 in 3, deterministic per candidate
+        return c.seed % 3 == 0
+
+    kept = {}
+    for budget in ("2.88", "50"):
+        cfg = load_config(None, ["build.target=200", "build.shard_size=200", f"build.max_oversample={budget}"])
+        sampler = ShardSampler(Plan(cfg).shard(0), cfg)
+        _, cands = _fill(sampler, accept)
+        kept[budget] = ([c.key for c in cands], sampler.drawn)
+    # 2.88 x 200 = 576: the last round starts under the budget and ends past it
+    assert kept["2.88"] == kept["50"] and kept["50"][1] > 576
 
 
 def test_dry_run_plans_a_million_without_ray():

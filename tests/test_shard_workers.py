@@ -7,7 +7,6 @@ re-run with attempt + 1.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, factory
+from conftest import FAST, ROOT, factory, shard_stats
 from netns_lab import runs_a_shard
 
 from factory.graph import _Pool, _worker_lost
@@ -66,10 +65,6 @@ def test_worker_lost_tells_a_dead_worker_from_a_failing_shard():
     assert not _worker_lost(ValueError("bad"))
 
 
-def _stats(out: Path) -> dict[str, dict]:
-    return {p.name: json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.stats.json"))}
-
-
 def test_one_worker_process_per_shard_in_flight_for_the_whole_build(tmp_path):
     """Ten shards, two in flight: two shard workers build all of them (a Ray task per shard could
     land on a fresh worker process each time, re-importing torch and the factory)."""
@@ -77,7 +72,7 @@ def test_one_worker_process_per_shard_in_flight_for_the_whole_build(tmp_path):
     args = ["--target", "200", "--shard-size", "20", "--out", str(out), *FAST,
             "--set", "runtime.max_shards_in_flight=2"]  # fmt: skip
     factory("build", *args, check=True)
-    stats = _stats(out)
+    stats = shard_stats(out)
     assert len(stats) == 10
     workers = {s["worker_id"] for s in stats.values()}
     assert len(workers) == 2 and all(len(w) == 32 for w in workers), workers  # Ray actor ids, hex
@@ -118,7 +113,7 @@ def test_worker_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-4000:]
     assert "a shard worker was lost" in err, err[-4000:]
-    stats = _stats(out)
+    stats = shard_stats(out)
     assert len(stats) == 12 and sum(s["samples"] for s in stats.values()) == 600
     assert any(s["attempt"] == 2 for s in stats.values())  # the shard it was running, redone
     assert 2 <= len({s["worker_id"] for s in stats.values()}) <= 3  # the survivor, maybe the replacement
