@@ -23,8 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectors.data import identities  # noqa: E402
+from factory.config import MAUGenGeneratorConfig  # noqa: E402
 from pipelines.facs import AUS, NUM_AUS  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
+from pipelines.maugen.build import SCHEDULERS  # noqa: E402
 from pipelines.prompts import grammar_expand  # noqa: E402
 from pipelines.prompts.targets import random_requests  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
@@ -43,14 +45,17 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True, help="saved MAUGenPipeline directory")
     ap.add_argument("--identities", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=3.0)
+    sampling = MAUGenGeneratorConfig()  # sample as a build does unless told otherwise
+    ap.add_argument("--steps", type=int, default=sampling.steps)
+    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=sampling.scheduler)
+    ap.add_argument("--guidance", type=float, default=sampling.guidance_scale)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     pipe = MAUGenPipeline.from_pretrained(args.checkpoint)
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
     people = identities(args.identities, "heldout", seed=args.seed)
     renderer = PuppetRenderer(size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
     exemplars, masks = renderer.exemplars(people)
@@ -73,7 +78,7 @@ def main() -> None:
 
     print(
         f"MAUGen {args.checkpoint}: {len(prompts)} prompts x {len(people)} held-out identities, "
-        f"{args.steps} steps, guidance {args.guidance}"
+        f"{args.scheduler} {args.steps} steps, guidance {args.guidance}"
     )
     print(f"{'prompt':>6} {'target AUs':<28} {'int std':>8} {'occ agree':>9}  prompt text")
     across_id = []
