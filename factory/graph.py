@@ -498,6 +498,12 @@ class _Pool:
             self.load[d] += 1
         return w, node, g, d
 
+    def actor(self, j: int | None) -> Any:
+        """The generator or detector actor at index `j` of `load` (None: no detector)."""
+        if j is None:
+            return None
+        return self.generators[j] if j < len(self.generators) else self.detectors[j - len(self.generators)]
+
     def release(self, g: int, d: int | None) -> None:
         self.load[g] -= 1
         if d is not None:
@@ -609,8 +615,7 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                     i = pending.popleft()
                     attempts[i] = attempts.get(i, 0) + 1
                     w, node, g, d = pool.assign()
-                    det = detectors[d - len(actors)] if d is not None else None
-                    ref = w.run.remote(cfg_ref, i, out, actors[g], det, build_id, attempts[i], info)
+                    ref = w.run.remote(cfg_ref, i, out, pool.actor(g), pool.actor(d), build_id, attempts[i], info)
                     in_flight[ref] = (i, attempts[i], w, node, g, d)
                 waiting = [*in_flight, *pool.starting]
                 if waiting:
