@@ -26,8 +26,8 @@ from .config import ConfigError, FactoryConfig, config_diff
 from .layout import Layout
 from .manifest import clean_uncommitted, clear_failure, record_failure, scan
 from .plan import Plan
-from .sampler import QuotaExhaustedError
 from .progress import BuildProgress
+from .sampler import QuotaExhaustedError
 
 log = logging.getLogger(__name__)
 
@@ -524,11 +524,11 @@ def _worker_lost(err: BaseException) -> bool:
 def _deterministic(err: BaseException) -> bool:
     """A failure that a re-run replays exactly: a shard that ran out of its candidate budget draws
     the same candidates again, so retrying it would only spend the budget again."""
-    return isinstance(getattr(err, "cause", None) or err, QuotaExhaustedError)
+    return isinstance(_cause(err), QuotaExhaustedError)
 
 
 def _error_record(name: str, index: int, err: BaseException, attempts: int) -> dict[str, Any]:
-    cause = getattr(err, "cause", None) or err
+    cause = _cause(err)
     return {
         "name": name,
         "index": index,
@@ -712,6 +712,11 @@ def _actor_busy(stage: str, actors: list[Any], window_s: float, timeout_s: float
     return sorted(out, key=lambda g: g.actor)
 
 
+def _cause(err: BaseException) -> BaseException:
+    """The exception a shard raised, out of the RayTaskError that carries it to the driver."""
+    return getattr(err, "cause", None) or err
+
+
 def _short(err: BaseException) -> str:
-    cause = getattr(err, "cause", None) or err
+    cause = _cause(err)
     return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"

@@ -117,8 +117,7 @@ class ShardSampler:
         total_need = need.sum()
         if total_need <= 0:
             return np.zeros(0, dtype=np.int64)
-        budget = self.max_candidates - self.drawn
-        if budget <= 0:
+        if self.drawn >= self.max_candidates:
             raise QuotaExhaustedError(self._exhausted_message())
         # The round is never cut to the budget: a shard that fills its quotas draws the same
         # candidates whatever max_oversample is, so raising it on resume leaves committed bytes alone.

@@ -15,10 +15,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small builds on a 2-core machine: a modest object store, no progress bar, and quick shards.
+# Small builds on a 2-core machine.
+#: Runtime options only (a resume may set them too): a modest object store, no progress bar.
+SMALL_RAY = ["--set", "runtime.object_store_mb=100", "--set", "runtime.progress=false"]
 #: Build options of the tests about the factory itself: the exact, fast puppet generator, named
 #: explicitly so these tests keep it when the default generator becomes the trained MAUGen (issue 6).
-FAST = ["--set", "generator=puppet", "--set", "runtime.object_store_mb=100", "--set", "runtime.progress=false"]
+FAST = ["--set", "generator=puppet", *SMALL_RAY]
 
 
 def factory(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = False):

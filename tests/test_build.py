@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from conftest import FAST, ROOT, factory
+from conftest import FAST, ROOT, SMALL_RAY, factory
 from pipelines.facs import NUM_AUS
 
 
@@ -113,7 +113,7 @@ def test_forced_failure_lands_in_failed_and_resume_completes(tmp_path):
     rep = json.loads(factory("report", str(out), "--json", check=True).stdout)
     assert rep["shards"]["failed"] == 1 and "mifa-000001" in rep["failed"]
 
-    p = factory("resume", str(out), "--set", "runtime.progress=false", "--set", "runtime.object_store_mb=100")
+    p = factory("resume", str(out), *SMALL_RAY)
     assert p.returncode == 0, p.stderr
     assert not (out / "failed" / "mifa-000001.json").exists()
     assert factory("verify", str(out)).returncode == 0
@@ -134,7 +134,7 @@ def test_a_shard_out_of_candidates_fails_at_once_and_a_resume_may_raise_the_budg
         assert rec["attempts"] == 1 and rec["type"] == "QuotaExhaustedError", rec
         assert "factory resume OUT --set build.max_oversample=N" in rec["error"]
     done = {n: (out / "shards" / n).read_bytes() for n in _names(out, ".tar")}
-    p = factory("resume", str(out), "--set", "build.max_oversample=4", *FAST[2:], env=env)
+    p = factory("resume", str(out), "--set", "build.max_oversample=4", *SMALL_RAY, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert not list((out / "failed").glob("*.json")) and len(_names(out, ".stats.json")) == 2
     assert all((out / "shards" / n).read_bytes() == b for n, b in done.items())

@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 from openai_server import FakeOpenAIServer
 
-from conftest import FAST, factory, shard_stats
+from conftest import FAST, SMALL_RAY, factory, shard_stats
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_llm_build_records_expander_and_resume_hits_the_cache(server, tmp_path):
     tar_before = (out / "shards" / "mifa-000001.tar").read_bytes()
     for p in shard1:
         p.unlink()
-    p = factory("resume", str(out), "--set", "runtime.progress=false", "--set", "runtime.object_store_mb=100")
+    p = factory("resume", str(out), *SMALL_RAY)
     assert p.returncode == 0, p.stderr
     assert len(server.requests) == asked
     redone = json.loads((out / "shards" / "mifa-000001.stats.json").read_text())

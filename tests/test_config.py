@@ -79,7 +79,9 @@ def test_build_json_frozen_and_resume_refuses_other_config(tmp_path):
     _, rec2 = prepare_output(same, out)
     assert rec2["build_id"] == rec["build_id"]
     # nor do the keys that only decide when a shard gives up
-    budget = load_config(None, ["build.target=10", "build.shard_size=5", "build.max_oversample=9", "build.shard_retries=0"])
+    budget = load_config(
+        None, ["build.target=10", "build.shard_size=5", "build.max_oversample=9", "build.shard_retries=0"]
+    )
     assert prepare_output(budget, out)[1]["build_id"] == rec["build_id"]
 
     other = load_config(None, ["build.target=10", "build.shard_size=5", "build.seed=9"])

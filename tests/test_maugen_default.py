@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, factory, shard_stats
+from conftest import ROOT, SMALL_RAY, factory, shard_stats
 from test_maugen import MICRO
 
 from detectors.data import identities
@@ -134,7 +134,7 @@ def test_shipped_checkpoint_labels_agree_with_independent_detectors_on_heldout_i
 def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
     out = tmp_path / "out"
     args = ["--target", "8", "--shard-size", "4", "--out", str(out), "--set", "generator=maugen", *BUILD_SETS]
-    p = factory("build", *args, "--set", "runtime.object_store_mb=100", "--set", "runtime.progress=false")
+    p = factory("build", *args, *SMALL_RAY)
     assert p.returncode == 0, p.stderr[-3000:]
     build = json.loads((out / "build.json").read_text())
     assert build["config"]["generator"] == "maugen"

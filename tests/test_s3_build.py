@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, factory
+from conftest import FAST, SMALL_RAY, factory
 
 from factory.layout import Layout
 from factory.manifest import clean_uncommitted, scan
@@ -29,7 +29,6 @@ PREFIX = f"{BUCKET}/mifa"
 URL = f"s3://{PREFIX}"
 SHARDS = [f"mifa-{i:06d}" for i in range(4)]
 ARGS = ["--target", "40", "--shard-size", "10", *FAST, "--set", "build.shard_retries=0"]
-RESUME = ["--set", "runtime.progress=false", "--set", "runtime.object_store_mb=100"]
 
 
 def _listing(fs: Any, d: str) -> list[str]:
@@ -52,7 +51,7 @@ def s3_build(s3_env) -> dict[str, Any]:
         "failed": json.loads(fs.cat(f"{PREFIX}/failed/mifa-000001.json")),
         "uploads": _uploads(fs, PREFIX),
     }
-    resumed = factory("resume", URL, *RESUME, env=env)
+    resumed = factory("resume", URL, *SMALL_RAY, env=env)
     return {"env": env, "fs": fs, "first": first, "after_first": after_first, "resumed": resumed}
 
 
@@ -107,7 +106,7 @@ def test_resume_after_crash_redoes_exactly_the_unmarked_shard(s3_build):
     v = factory("verify", URL, env=env)
     assert v.returncode == 1 and "BAD mifa-000002: not committed" in v.stdout
 
-    p = factory("resume", URL, *RESUME, env=env)
+    p = factory("resume", URL, *SMALL_RAY, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "4/4 shards" in p.stderr and "(3 shards were already done)" in p.stderr
     assert _uploads(fs, PREFIX) == []
