@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectors.data import identities  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
-from pipelines.maugen.build import SCHEDULERS  # noqa: E402
+from pipelines.maugen.build import set_scheduler  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
 
 CASES = (("dpm", 15, 3.0), ("ddim", 25, 3.0), ("dpm", 10, 3.0), ("dpm", 15, 1.0))
@@ -46,7 +46,7 @@ def main() -> None:
     base_config = pipe.scheduler.config
     rates = []
     for sched, steps, guidance in CASES:
-        pipe.scheduler = SCHEDULERS[sched].from_config(base_config)
+        set_scheduler(pipe, sched, base_config)
         pipe(prompts[:2], ex[:2], num_inference_steps=2, mask_image=masks[:2], guidance_scale=guidance)  # warm-up
         t = time.perf_counter()
         for _ in range(args.repeats):

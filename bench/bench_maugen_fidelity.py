@@ -32,7 +32,7 @@ from factory.config import ChecksConfig, MAUGenGeneratorConfig  # noqa: E402
 from factory.shard import label_consensus_jaccard  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.facs import jaccard  # noqa: E402
-from pipelines.maugen.build import SCHEDULERS  # noqa: E402
+from pipelines.maugen.build import SCHEDULERS, set_scheduler  # noqa: E402
 from pipelines.prompts import grammar_expand  # noqa: E402
 from pipelines.prompts.targets import random_requests  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
@@ -50,7 +50,7 @@ def fidelity(
     """Sample `n` held-out identities with random grammar prompts; (numbers, images)."""
     pipe = MAUGenPipeline.from_pretrained(checkpoint)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    set_scheduler(pipe, scheduler)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     people = identities(n, "heldout", seed=3)
     exemplars, masks = PuppetRenderer(size=size).exemplars(people)

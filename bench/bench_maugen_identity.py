@@ -26,7 +26,7 @@ from detectors.data import identities  # noqa: E402
 from factory.config import MAUGenGeneratorConfig  # noqa: E402
 from pipelines.facs import AUS, NUM_AUS  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
-from pipelines.maugen.build import SCHEDULERS  # noqa: E402
+from pipelines.maugen.build import SCHEDULERS, set_scheduler  # noqa: E402
 from pipelines.prompts import grammar_expand  # noqa: E402
 from pipelines.prompts.targets import random_requests  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
 
     pipe = MAUGenPipeline.from_pretrained(args.checkpoint)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+    set_scheduler(pipe, args.scheduler)
     people = identities(args.identities, "heldout", seed=args.seed)
     renderer = PuppetRenderer(size=pipe.unet.config.sample_size * pipe.vae_scale_factor)
     exemplars, masks = renderer.exemplars(people)

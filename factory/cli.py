@@ -97,10 +97,10 @@ def resume(
     set_: SetOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Resume a build from OUT/build.json alone (only `runtime.*`, build.max_oversample and
-    build.shard_retries may be overridden: they never change a committed shard)."""
+    """Resume a build from OUT/build.json alone (only the keys in config.RESUMABLE, `runtime.*`,
+    build.max_oversample and build.shard_retries, may be overridden: they never change a committed shard)."""
     _setup_logging(verbose)
-    from .config import RETRY_KEYS, apply_override, config_from_dict
+    from .config import RESUMABLE, apply_override, config_from_dict, resumable
     from .layout import Layout
 
     layout = Layout(out)
@@ -110,9 +110,9 @@ def resume(
     try:
         for assignment in set_ or []:
             key = assignment.split("=")[0].strip()
-            if not (key.startswith("runtime.") or key in RETRY_KEYS):
+            if not resumable(key):
                 raise ConfigError(
-                    f"config error: {key}: resume may only change runtime.* keys and {', '.join(RETRY_KEYS)}; "
+                    f"config error: {key}: resume may only change {', '.join(RESUMABLE)} (runtime: any of its keys); "
                     "use `factory build --new-build` to change the corpus"
                 )
             apply_override(tree, assignment)

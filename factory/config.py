@@ -211,9 +211,15 @@ class RuntimeConfig(_Section):
     progress: bool = True
 
 
-#: Keys a resume may change besides `runtime.*`: they decide when a shard gives up, never what a
-#: committed shard holds (a shard that fills its quotas draws the same candidates under any budget).
-RETRY_KEYS = ("build.max_oversample", "build.shard_retries")
+#: What a resume may change, and so what the build identity leaves out: the `runtime` section (how the
+#: graph runs) and the keys that decide when a shard gives up, never what a committed shard holds (a
+#: shard that fills its quotas draws the same candidates under any budget).
+RESUMABLE = ("runtime", "build.max_oversample", "build.shard_retries")
+
+
+def resumable(key: str) -> bool:
+    """Whether `factory resume --set key=...` may change this dotted key."""
+    return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
 
 
 class FactoryConfig(_Section):
@@ -241,12 +247,14 @@ class FactoryConfig(_Section):
         return self
 
     def identity_dict(self) -> dict[str, Any]:
-        """The part of the config that decides the corpus bytes (all but `runtime` and RETRY_KEYS)."""
+        """The part of the config that decides the corpus bytes (all but RESUMABLE)."""
         d = self.model_dump(mode="json")
-        d.pop("runtime")
-        for key in RETRY_KEYS:
-            section, name = key.split(".")
-            d[section].pop(name)
+        for key in RESUMABLE:
+            *parents, name = key.split(".")
+            node = d
+            for part in parents:
+                node = node[part]
+            node.pop(name)
         return d
 
     def identity_hash(self) -> str:

@@ -83,7 +83,7 @@ class MAUGenGenerator:
         import torch
 
         from pipelines.maugen import MAUGenPipeline
-        from pipelines.maugen.build import SCHEDULERS
+        from pipelines.maugen.build import set_scheduler
         from pipelines.maugen.builtin import checkpoint_hash, resolve_checkpoint
 
         m = cfg.maugen
@@ -98,7 +98,7 @@ class MAUGenGenerator:
             raise ValueError(
                 f"maugen.checkpoint {path} could not be loaded ({type(e).__name__}: {e}); re-save it"
             ) from e
-        pipe.scheduler = SCHEDULERS[m.scheduler].from_config(pipe.scheduler.config)
+        set_scheduler(pipe, m.scheduler)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
         self.device = device

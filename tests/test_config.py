@@ -95,6 +95,24 @@ def test_build_json_frozen_and_resume_refuses_other_config(tmp_path):
     assert not (tmp_path / "out" / "shards" / "mifa-000000.tar").exists()
 
 
+def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
+    """One list decides both: every key `resumable` accepts is absent from identity_dict, every other
+    key of the config is in it."""
+    from factory.config import resumable
+
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k, v in tree.items():
+            out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k}
+        return out
+
+    cfg = FactoryConfig()
+    everything, identity = keys(cfg.model_dump(mode="json")), keys(cfg.identity_dict())
+    assert {k for k in everything if resumable(k)} == everything - identity
+    assert {"runtime.num_generators", "build.max_oversample", "build.shard_retries"} <= everything - identity
+    assert not resumable("build.seed") and not resumable("runtimes.x") and not resumable("build.max_oversampled")
+
+
 def test_detector_threads_follow_the_actor_cpu_share():
     """0 (the default) gives ONNX Runtime the CPUs the detector actor reserves, never fewer than 1;
     a set value wins."""

@@ -586,12 +586,19 @@ def test_a_missing_builtin_checkpoint_names_the_command_that_rebuilds_it(tmp_pat
 def test_schedulers_from_diffusers_swap_in(pipe, people):
     from diffusers import DPMSolverMultistepScheduler
 
+    from pipelines.maugen.build import set_scheduler
+
     ddim = _call(pipe, people, seed=2, steps=3)
     old = pipe.scheduler
     try:
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config)
+        set_scheduler(pipe, "dpm")
+        assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+        assert pipe.scheduler.config.prediction_type == old.config.prediction_type
+        np.testing.assert_array_equal(pipe.scheduler.betas.numpy(), old.betas.numpy())
         dpm = _call(pipe, people, seed=2, steps=3)
         again = _call(pipe, people, seed=2, steps=3)
+        with pytest.raises(ValueError, match="unknown scheduler 'euler': use one of ddim, ddpm, dpm"):
+            set_scheduler(pipe, "euler")
     finally:
         pipe.scheduler = old
     np.testing.assert_array_equal(dpm.images, again.images)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from diffusers import (
@@ -190,6 +191,14 @@ def tiny_vae(image_size: int) -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=image_size,
     )
+
+
+def set_scheduler(pipe: MAUGenPipeline, name: str, config: Mapping[str, Any] | None = None) -> None:
+    """Swap `pipe`'s sampler for SCHEDULERS[name]. The trained noise schedule (betas, prediction type)
+    carries over from `config`, by default the pipeline's current scheduler."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: use one of {', '.join(sorted(SCHEDULERS))}")
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config if config is None else config)
 
 
 def make_scheduler(cfg: MAUGenConfig):
