@@ -49,7 +49,7 @@ from netns_lab import Lab, copy_sources, netns_usable  # noqa: E402
 #: Per host: a generator (0.6) and a detector (0.3) fit one 1-CPU host, two generators or two
 #: detectors beside a generator do not, so each host gets one of each; 0.1 left is 2 shard workers.
 #: runtime.* keys do not change the corpus: both runs build the same samples.
-RUNTIME = ["runtime.generator_cpus=0.6", "runtime.detector_cpus=0.3", "runtime.shard_task_cpus=0.05",
+RUNTIME = ["runtime.generator_cpus=0.6", "runtime.detector_cpus=0.3", "runtime.shard_worker_cpus=0.05",
            "runtime.progress=false"]  # fmt: skip
 DEFAULT_SET = ["generator=puppet"]
 

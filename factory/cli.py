@@ -102,11 +102,15 @@ def resume(
     _setup_logging(verbose)
     from .config import RESUMABLE, apply_override, config_from_dict, resumable
     from .layout import Layout
+    from .manifest import BuildRecordError, read_record
 
     layout = Layout(out)
     if not layout.fs.exists(layout.build_json):
         _fail(f"{out} has no build.json: nothing to resume (start one with `factory build --out {out}`)")
-    tree = layout.read_json(layout.build_json)["config"]
+    try:
+        tree = read_record(layout)[0]["config"]
+    except BuildRecordError as err:
+        _fail(str(err))
     try:
         for assignment in set_ or []:
             key = assignment.split("=")[0].strip()
@@ -129,7 +133,7 @@ def _run(cfg: FactoryConfig, out: str, new_build: bool) -> None:
 
     try:
         summary = run_build(cfg, out, new_build=new_build)
-    except (ConfigError, SpecError, FileNotFoundError) as err:
+    except (ConfigError, SpecError, FileNotFoundError, ConnectionError) as err:
         _fail(str(err))
     _finish(summary)
 
@@ -140,9 +144,11 @@ def verify(out: Annotated[str, typer.Argument(help="output to check")]) -> None:
     _setup_logging(False)
     from .verify import verify as run_verify
 
+    from .manifest import BuildRecordError
+
     try:
         report = run_verify(out)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, BuildRecordError) as err:
         _fail(str(err))
     for name, problems in sorted(report.problems.items()):
         for p in problems:
@@ -242,7 +248,10 @@ def train(
         cfg = load_train_config(config, sets, ablation=ablation)
     except (ValueError, FileNotFoundError) as err:
         _fail(f"train: {err}")
-    final = Trainer(cfg).fit()
+    try:
+        final = Trainer(cfg).fit()
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # corrupt checkpoint, bad data root, NaN loss
+        _fail(f"train: {err}")
     typer.echo(f"trained MAUGen saved to {final}", err=True)
 
 

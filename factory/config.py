@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.overrides import OverrideError
+from pipelines.overrides import apply_override as _apply_override
 from pipelines.facs import DEFAULT_OCCURRENCE_THRESHOLD, EMOTION_NAMES, INTENSITY_MAX, STRENGTHS
 from pipelines.prompts.config import ExpandConfig
 from pipelines.puppet.identity import AGE_GROUPS, SKIN_TONE_GROUPS
@@ -36,7 +38,10 @@ class BuildConfig(_Section):
     shard_size: int = Field(250, gt=0, description="accepted samples per shard (last shard: the remainder)")
     seed: int = Field(0, ge=0, description="build seed; shard i draws from a stream derived from it")
     max_oversample: float = Field(
-        4.0, ge=1.0, description="a shard fails once it has drawn max_oversample * size candidates"
+        4.0,
+        ge=1.0,
+        description="a shard that has drawn max_oversample * size candidates starts no new round (of "
+        "plan.candidate_batch) and fails",
     )
     shard_retries: int = Field(2, ge=0, description="re-runs of a failed shard before it goes to OUT/failed/")
     image_format: Literal["png", "jpg"] = "png"
@@ -103,9 +108,11 @@ def _weights(v: dict, allowed: tuple, what: str) -> dict:
 
 
 class PuppetConfig(_Section):
-    """The procedural renderer used as generator in the test domain."""
+    """The procedural renderer: the test domain's generator, and the identity exemplars of both generators."""
 
-    image_size: Literal[64, 128, 256] = 64
+    image_size: Literal[64, 128, 256] = Field(
+        64, description="corpus image size (both generators; a MAUGen checkpoint must have been trained at it)"
+    )
     supersample: int = Field(4, ge=1, le=8)
 
 
@@ -186,8 +193,12 @@ class RuntimeConfig(_Section):
     )
     generator_gpus: float = Field(0.0, ge=0.0, description="GPUs per generator actor (0 on CPU)")
     generator_cpus: float = Field(1.0, gt=0.0)
-    shard_task_cpus: float = Field(
-        0.25, gt=0.0, description="CPUs each shard worker reserves (one per shard in flight; it mostly waits)"
+    shard_worker_cpus: float = Field(
+        0.25,
+        gt=0.0,
+        # shard_task_cpus: its name before shard tasks became shard worker actors (build.json files keep it)
+        validation_alias=AliasChoices("shard_worker_cpus", "shard_task_cpus"),
+        description="CPUs each shard worker reserves (one per shard in flight; it mostly waits)",
     )
     max_shards_in_flight: int | None = Field(
         None, ge=1, description="shard workers, one shard each (default: 2 per generator actor)"
@@ -266,31 +277,12 @@ class FactoryConfig(_Section):
 # Loading: YAML + overrides, errors as one line each.
 
 
-def _parse_value(text: str) -> Any:
-    """`--set` values are YAML scalars/flow collections: 3, 0.5, true, png, [1, 2], {a: 1}."""
-    try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        return text
-
-
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` to a nested dict (in place)."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, for example --set build.shard_size=500")
-    dotted, raw = assignment.split("=", 1)
-    parts = [p for p in dotted.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set {assignment!r}: empty key")
-    node = tree
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = _parse_value(raw)
+    """Apply one `a.b.c=value` to a nested dict (in place); a bad one is a ConfigError."""
+    try:
+        _apply_override(tree, assignment)
+    except OverrideError as err:
+        raise ConfigError(str(err)) from None
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -98,6 +98,13 @@ class MAUGenGenerator:
             raise ValueError(
                 f"maugen.checkpoint {path} could not be loaded ({type(e).__name__}: {e}); re-save it"
             ) from e
+        native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        if native != cfg.puppet.image_size:  # its label decoder is sized for the trained resolution
+            raise ValueError(
+                f"maugen.checkpoint {path} was trained at {native} px but puppet.image_size (the corpus image "
+                f"size) is {cfg.puppet.image_size}; set puppet.image_size={native} or use a checkpoint trained "
+                f"at {cfg.puppet.image_size} px"
+            )
         set_scheduler(pipe, m.scheduler)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)

@@ -120,14 +120,9 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
     models = _model_hashes(cfg)  # a missing model file fails here, before OUT is touched
     layout.makedirs()
     build_id = cfg.identity_hash()
-    if layout.fs.exists(layout.build_json):
-        try:
-            old = layout.read_json(layout.build_json)
-            old_identity = old["identity"]
-        except (ValueError, KeyError, OSError) as err:
-            raise ConfigError(
-                f"{layout.build_json} is unreadable ({err}); move OUT aside or pass --new-build to start over"
-            ) from None
+    old = _read_record(layout, new_build)
+    if old is not None:
+        old_identity = old["identity"]
         same_config = old.get("build_id") == build_id and old_identity == cfg.identity_dict()
         if same_config and old.get("models", {}) == models:
             return layout, old
@@ -135,7 +130,8 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
             raise BuildConfigMismatch(
                 f"{out} holds build {build_id} made with other model files (generator checkpoint or detectors) "
                 f"(build.json: {old.get('models')}; now: {models}); refusing to mix corpora filtered by "
-                "different models. Restore those files, or pass --new-build to start over"
+                "different models. Restore those files, or start over with `factory build --out "
+                f"{out} --new-build` and this config"
             )
         if not new_build:
             raise BuildConfigMismatch(
@@ -144,11 +140,7 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
                 f"over.\n{config_diff(old_identity, cfg.identity_dict())}"
             )
         log.warning("--new-build: deleting build %s in %s", old.get("build_id"), out)
-        for d in (layout.shards_dir, layout.rejected_dir, layout.failed_dir):
-            if layout.fs.exists(d):
-                layout.fs.rm(d, recursive=True)
-        layout.fs.rm(layout.build_json)
-        layout.makedirs()
+        _delete_build(layout)
     plan = Plan(cfg)
     record = {
         "build_id": build_id,
@@ -161,6 +153,36 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
     }
     layout.write_json_atomic(layout.build_json, record)
     return layout, record
+
+
+def _read_record(layout: Layout, new_build: bool) -> dict[str, Any] | None:
+    """OUT's build.json, or None when there is none. An unreadable one is an error, unless --new-build
+    is deleting OUT anyway."""
+    if not layout.fs.exists(layout.build_json):
+        return None
+    try:
+        old = layout.read_json(layout.build_json)
+        if not isinstance(old, dict) or "identity" not in old:
+            raise KeyError("identity")
+        return old
+    except (ValueError, KeyError, OSError) as err:
+        if not new_build:
+            raise ConfigError(
+                f"{layout.build_json} is unreadable ({type(err).__name__}: {err}); move OUT aside, or pass "
+                "--new-build to delete it and start over"
+            ) from None
+        log.warning("--new-build: deleting %s, whose build.json is unreadable (%s)", layout.out, err)
+        _delete_build(layout)
+        return None
+
+
+def _delete_build(layout: Layout) -> None:
+    """--new-build: remove every shard, rejected sample, failure record and the build record."""
+    for d in (layout.shards_dir, layout.rejected_dir, layout.failed_dir):
+        if layout.fs.exists(d):
+            layout.fs.rm(d, recursive=True)
+    layout.fs.rm(layout.build_json)
+    layout.makedirs()
 
 
 def _model_hashes(cfg: FactoryConfig) -> dict[str, str]:
@@ -197,7 +219,7 @@ def generator_count(cfg: FactoryConfig, resources: dict[str, float]) -> int:
     if rt.generator_gpus > 0:
         kind, left, per = "GPU", resources.get("GPU", 0.0) - det_gpus, rt.generator_gpus
     else:
-        kind, left, per = "CPU", resources.get("CPU", 0.0) - det_cpus, rt.generator_cpus + 2 * rt.shard_task_cpus
+        kind, left, per = "CPU", resources.get("CPU", 0.0) - det_cpus, rt.generator_cpus + 2 * rt.shard_worker_cpus
     n = int(left / per + 1e-9)
     if n < 1:
         raise ConfigError(
@@ -216,9 +238,9 @@ def _check_resources(cfg: FactoryConfig, num_generators: int, resources: dict[st
     total = float(resources.get("CPU", 0.0))
     actors = num_generators * rt.generator_cpus + det_cpus
     gpus = num_generators * rt.generator_gpus + det_gpus
-    if actors + rt.shard_task_cpus > total + 1e-9:
+    if actors + rt.shard_worker_cpus > total + 1e-9:
         raise ConfigError(
-            f"config error: runtime: the actors reserve {actors:g} CPUs and a shard worker {rt.shard_task_cpus:g}, "
+            f"config error: runtime: the actors reserve {actors:g} CPUs and a shard worker {rt.shard_worker_cpus:g}, "
             f"but the Ray cluster has {total:g}; lower runtime.generator_cpus / runtime.detector_cpus / "
             "runtime.num_generators / runtime.num_detectors, or add CPUs"
         )
@@ -591,14 +613,17 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                 ray.get([d.describe.remote() for d in detectors])
             except ray.exceptions.RayActorError as err:
                 raise ModelLoadError(f"the detector actors could not load their models: {_actor_cause(err)}") from None
-        info = ray.get(actors[0].info.remote())
+        try:
+            info = ray.get([a.info.remote() for a in actors])[0]
+        except ray.exceptions.RayActorError as err:
+            raise ModelLoadError(f"the generator actors could not load their model: {_actor_cause(err)}") from None
         cfg_ref = ray.put(cfg_dict)
         max_in_flight = rt.max_shards_in_flight or 2 * num_generators
         # One shard worker per shard in flight, spread over the generators' nodes. No Ray-level
         # retries: a shard whose worker or node dies comes back here as an error and is re-submitted
         # with attempt + 1, so its stats record every attempt it took.
         nodes = ray.get([a.where.remote() for a in [*actors, *detectors]])
-        pool = _Pool(actors, detectors, [n["node_id"] for n in nodes], rt.shard_task_cpus, max_in_flight)
+        pool = _Pool(actors, detectors, [n["node_id"] for n in nodes], rt.shard_worker_cpus, max_in_flight)
         for k in range(max_in_flight):
             pool.add_worker(near=k % len(actors))
         in_flight: dict[Any, tuple[int, int, Any, str, int, int | None]] = {}

@@ -71,6 +71,12 @@ class ShardSpec:
     quotas: np.ndarray  # int64 (GRID.size,), sums to size
 
 
+def derive_seed(parent: int, index: int) -> int:
+    """The seed of child `index` of `parent` (build -> shard, shard -> candidate): a 63-bit int, so the
+    corpus bytes follow from build.seed alone. Changing this changes every build."""
+    return int(np.random.SeedSequence([parent, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class Plan:
     """Shards of a build, computed on demand from the config (no per-sample state)."""
 
@@ -116,7 +122,7 @@ class Plan:
         return np.minimum(cells, GRID.size - 1)
 
     def shard_seed(self, index: int) -> int:
-        return int(np.random.SeedSequence([self.cfg.build.seed, index]).generate_state(1, np.uint64)[0] >> 1)
+        return derive_seed(self.cfg.build.seed, index)
 
     def shard(self, index: int) -> ShardSpec:
         start, stop = self.shard_bounds(index)
@@ -150,7 +156,11 @@ class Plan:
             "shard_size": self.shard_size,
             "num_shards": self.num_shards,
             "shard_sizes": {str(k): v for k, v in sizes.items() if v},
-            "max_candidates": int(np.ceil(self.cfg.build.max_oversample * self.target)),
+            # a shard starts no round once it has drawn ceil(max_oversample * size); the last may pass it
+            "max_candidates": sum(
+                n * (int(np.ceil(self.cfg.build.max_oversample * size)) + self.cfg.plan.candidate_batch - 1)
+                for size, n in sizes.items()
+            ),
             "emotions": by(GRID.emotion_of, GRID.emotions),
             "skin_groups": by(GRID.skin_of, range(GRID.skin_groups)),
             "age_groups": by(GRID.age_of, GRID.age_groups),

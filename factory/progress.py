@@ -52,6 +52,16 @@ class BuildProgress:
         dt = max(time.time() - self._t0, 1e-6)
         return (self.accepted - self._start_accepted) / dt
 
+    def _eta(self) -> str:
+        """Time left at the rate so far (the bar shows its own; the log line needs one)."""
+        rate, left = self._rate(), max(self.target - self.accepted, 0)
+        if not left:
+            return "ETA 0:00:00"
+        if rate <= 0:
+            return "ETA -"
+        m, sec = divmod(round(left / rate), 60)
+        return f"ETA {m // 60}:{m % 60:02d}:{sec:02d}"
+
     def _info(self) -> str:
         acc = f"{self.accepted_fraction():.0%}" if self.candidates else "-"
         failed = f" failed {self.failed}" if self.failed else ""
@@ -82,7 +92,9 @@ class BuildProgress:
         if self.enabled and (force and now - self._last_log >= 1.0 or now - self._last_log >= self.log_every_s):
             self._last_log = now
             rej = ", ".join(f"{k}={v}" for k, v in self.rejected.items() if v) or "none"
-            log.info("accepted %d/%d | %s | rejected: %s", self.accepted, self.target, self._info(), rej)
+            log.info(
+                "accepted %d/%d | %s | %s | rejected: %s", self.accepted, self.target, self._info(), self._eta(), rej
+            )
 
     def actors_busy(self, lines: list[str]) -> None:
         """The generator and detector actors' busy accounting (ActorBusy.describe()), logged by stop()."""

@@ -9,9 +9,12 @@ while a build is still running, and all I/O goes through fsspec, so OUT may be s
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,7 @@ import numpy as np
 from pipelines.facs import AUS, EMOTIONS
 
 from .layout import TMP_PREFIX
-from .manifest import STATS_SUFFIX, Build, open_build
+from .manifest import STATS_SUFFIX, Build, BuildRecordError, open_build
 from .plan import GRID
 from .report_data import ReportError, SampleAggregates, aggregate_shards, planned_crosstabs
 from .report_samples import accepted_samples, rejected_samples
@@ -36,14 +39,11 @@ REJECTED_NOTE = (
 
 
 def _open(out: str) -> Build:
-    """open_build with unreadable build.json turned into an error that names the file."""
+    """open_build with an unreadable build.json as a ReportError (the one error the report raises)."""
     try:
         return open_build(out)
-    except (ValueError, KeyError) as err:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
-        raise ReportError(
-            f"{out.rstrip('/')}/build.json is unreadable or not a factory build record ({str(err).splitlines()[0]}); "
-            "restore it from the run that made OUT, or rebuild with `factory build --new-build`"
-        ) from None
+    except BuildRecordError as err:
+        raise ReportError(str(err)) from None
 
 
 def _check_markers(b: Build) -> list[str]:
@@ -121,16 +121,35 @@ def _stats_ok(s: dict[str, Any]) -> bool:
     return True
 
 
+def _build_clock(stats: list[dict[str, Any]]) -> tuple[Callable[[float], float], float]:
+    """Build time: wall-clock time while at least one shard ran, so the hours between a build and its
+    resume count for nothing. Returns the map from a wall-clock time to build seconds, and the total."""
+    spans: list[list[float]] = []
+    for a, b in sorted((float(s["timings"]["start"]), float(s["timings"]["end"])) for s in stats):
+        if spans and a <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            spans.append([a, b])
+    offsets = list(itertools.accumulate((b - a for a, b in spans), initial=0.0))
+    starts = [a for a, _ in spans]
+
+    def clock(t: float) -> float:
+        i = bisect.bisect_right(starts, t) - 1
+        return 0.0 if i < 0 else offsets[i] + min(t, spans[i][1]) - spans[i][0]
+
+    return clock, offsets[-1]
+
+
 def _timeline(stats: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
-    """Per node, (seconds since the first shard started, cumulative accepted samples) at each commit."""
+    """Per node, (build seconds since the first shard started, cumulative accepted samples) at each commit."""
     if not stats:
         return {}
-    t0 = min(float(s["timings"]["start"]) for s in stats)
+    clock, _ = _build_clock(stats)
     nodes: dict[str, list[list[float]]] = defaultdict(list)
     for s in sorted(stats, key=lambda s: float(s["timings"]["end"])):
         pts = nodes[_node(s)]
         prev = pts[-1][1] if pts else 0
-        pts.append([round(float(s["timings"]["end"]) - t0, 3), prev + int(s["samples"])])
+        pts.append([round(clock(float(s["timings"]["end"])), 3), prev + int(s["samples"])])
     return dict(nodes)
 
 
@@ -234,12 +253,7 @@ def build_report(
         }
         for i, au in enumerate(AUS)
     ]
-    if stats:
-        t_start = min(s["timings"]["start"] for s in stats)
-        t_end = max(s["timings"]["end"] for s in stats)
-        wall = max(t_end - t_start, 1e-9)
-    else:
-        wall = 0.0
+    wall = _build_clock(stats)[1] if stats else 0.0
     failed = {k: v.get("error", "?") for k, v in state.failed.items() if k not in state.committed}
     return {
         "out": out,
@@ -341,7 +355,7 @@ def print_report(rep: dict[str, Any]) -> None:
     con.print(t)
     thr = rep["throughput"]
     if thr["samples_per_s"]:
-        con.print(f"throughput: {thr['samples_per_s']:.1f} samples/s over {thr['wall_s']:.1f} s")
+        con.print(f"throughput: {thr['samples_per_s']:.1f} samples/s over {thr['wall_s']:.1f} s with shards running")
     for node, v in thr["nodes"].items():
         con.print(f"  node {node}: {v['shards']} shards, {v['samples']} samples, {v['busy_s']:.1f} shard-seconds")
     if rep["failed"]:

@@ -87,7 +87,7 @@ def _summary(rep: dict[str, Any]) -> str:
         ["accepted samples", f"{rep['accepted']:,} of {rep['target']:,} planned"],
         ["shards", f"{sh['done']} done, {sh['failed']} failed, {sh['pending']} pending of {sh['total']}"],
         ["candidates", f"{rep['candidates']:,}" + (f" (kept {rate:.1%})" if rate is not None else "")],
-        ["throughput", f"{thr['samples_per_s']:.1f} samples/s over {thr['wall_s']:.1f} s" if speed else "-"],
+        ["throughput", f"{speed:.1f} samples/s over {thr['wall_s']:.1f} s with shards running" if speed else "-"],
     ]
     out = _table(["", ""], rows)
     if sh["pending"]:

@@ -152,6 +152,15 @@ def _read_kept(layout: Layout, name: str) -> list[dict[str, Any]]:
     return [s for s in _samples(layout, layout.rejected_tar(name), "rejected") if "meta" in s]
 
 
+def _why_no_image(reason: str, stored: bool) -> str:
+    """What a rejected sample's card says in place of its image."""
+    if stored:
+        return "image in rejected/NAME.tar (read only for --html)"
+    if reason == "prompt_target_jaccard":
+        return "not generated (rejected before the generator)"
+    return "no image stored (not a valid image)" if reason == "invalid_image" else "no image stored"
+
+
 def rejected_samples(
     layout: Layout, stats: dict[str, dict[str, Any]], per_reason: int, with_images: bool
 ) -> list[dict[str, Any]]:
@@ -164,9 +173,10 @@ def rejected_samples(
         for s in _read_kept(layout, name):
             meta = s["meta"]
             card = _labels(meta) | {"shard": name, "reason": meta.get("reason", "?")}
-            card["no_image"] = "not generated (rejected before the generator)"
-            if with_images and "image" in s:
+            if "image" in s and with_images:
                 card["image"] = thumbnail_uri(s["image"], s["ext"])
+            else:
+                card["no_image"] = _why_no_image(card["reason"], "image" in s)
             by_reason.setdefault(card["reason"], []).append(card)
     kept = set(by_reason)
     for name in names:  # keys only, for reasons no kept file covers

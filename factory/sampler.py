@@ -17,7 +17,7 @@ from pipelines.facs import AUS, EMOTIONS, NUM_AUS, STRENGTHS, au_index
 from pipelines.puppet.identity import PuppetIdentity, sample_identity
 
 from .config import FactoryConfig
-from .plan import GRID, ShardSpec
+from .plan import GRID, ShardSpec, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class ShardSampler:
         return out
 
     def _candidate(self, index: int, cell: int) -> Candidate:
-        seed = int(np.random.SeedSequence([self.spec.seed, index]).generate_state(1, np.uint64)[0] >> 1)
+        seed = derive_seed(self.spec.seed, index)
         rng = np.random.default_rng(seed)
         c = GRID.cell(cell)
         strength = 0 if c.emotion == "neutral" else int(rng.choice(self._strengths, p=self._strength_p))

@@ -110,13 +110,17 @@ def _check_tar(name: str, data: bytes, stats: dict, report: VerifyReport) -> lis
             continue
         try:
             meta = json.loads(fields["json"])
-            assert meta.get("key") == key, f"json key {meta.get('key')!r}"
             au = np.load(io.BytesIO(fields["au.npy"]), allow_pickle=False)
-            assert au.shape == (2, NUM_AUS) and np.isfinite(au).all(), f"au.npy shape {au.shape}"
             with Image.open(io.BytesIO(fields[img_ext])) as im:
                 im.load()
         except Exception as err:  # noqa: BLE001 - any decoding problem is reported per sample
             report.add(name, f"sample {key} does not decode: {err}")
+            continue
+        named = meta.get("key") if isinstance(meta, dict) else meta
+        if named != key:
+            report.add(name, f"sample {key}: its json names key {named!r}")
+        if au.shape != (2, NUM_AUS) or au.dtype.kind not in "fiu" or not np.isfinite(au).all():
+            report.add(name, f"sample {key}: au.npy is {au.shape} {au.dtype}, want finite (2, {NUM_AUS})")
     return order
 
 

@@ -38,7 +38,9 @@ def factory(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"factory {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"factory {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 

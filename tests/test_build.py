@@ -116,7 +116,7 @@ def test_forced_failure_lands_in_failed_and_resume_completes(tmp_path):
     p = factory("resume", str(out), *SMALL_RAY)
     assert p.returncode == 0, p.stderr
     assert not (out / "failed" / "mifa-000001.json").exists()
-    assert factory("verify", str(out)).returncode == 0
+    factory("verify", str(out), check=True)
 
 
 def test_a_shard_out_of_candidates_fails_at_once_and_a_resume_may_raise_the_budget(tmp_path):
@@ -138,7 +138,7 @@ def test_a_shard_out_of_candidates_fails_at_once_and_a_resume_may_raise_the_budg
     assert p.returncode == 0, p.stderr[-3000:]
     assert not list((out / "failed").glob("*.json")) and len(_names(out, ".stats.json")) == 2
     assert all((out / "shards" / n).read_bytes() == b for n, b in done.items())
-    assert factory("verify", str(out)).returncode == 0
+    factory("verify", str(out), check=True)
     p = factory("resume", str(out), "--set", "build.seed=3", env=env)
     assert p.returncode == 2 and "build.seed" in p.stderr and "build.max_oversample" in p.stderr
 
@@ -190,4 +190,4 @@ def test_sigkill_mid_build_then_resume_is_byte_identical(tmp_path):
         for n in names:
             assert (ref / "shards" / n).read_bytes() == (out / "shards" / n).read_bytes(), n
     assert not list(out.rglob(".tmp-*"))
-    assert factory("verify", str(out)).returncode == 0
+    factory("verify", str(out), check=True)

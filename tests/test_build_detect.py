@@ -16,7 +16,7 @@ import yaml
 
 from detectors.builtin import resolve
 
-from conftest import FAST, factory, shard_stats
+from conftest import FAST, SMALL_RAY, factory, shard_stats
 
 INJECT = "blank:0.04,noise:0.04,wrong_expression:0.06"
 EXPECTED_REASON = {"blank": "invalid_image", "noise": "realism", "wrong_expression": "label_consensus_jaccard"}
@@ -155,3 +155,19 @@ def test_images_of_rejected_injections_never_reach_the_tar(injected):
     for key, files in list(_tar_members(injected).items())[:300]:
         img = np.asarray(Image.open(io.BytesIO(files["png"])))
         assert img.std() > 1.0, key
+
+
+def test_a_generator_that_cannot_load_its_checkpoint_stops_the_build_with_the_fix(tmp_path):
+    """The error raised inside the generator actor reaches the user as one line, not a Ray traceback."""
+    from pipelines.maugen.builtin import resolve_checkpoint
+
+    ckpt = tmp_path / "maugen"
+    shutil.copytree(resolve_checkpoint("builtin:tiny-puppet"), ckpt)
+    (ckpt / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors" * 100)
+    out = tmp_path / "out"
+    args = ["--target", "20", "--shard-size", "10", "--out", str(out), *SMALL_RAY]
+    p = factory("build", *args, "--set", "generator=maugen", "--set", f"maugen.checkpoint={ckpt}")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "generator actors could not load their model" in p.stderr and f"maugen.checkpoint {ckpt}" in p.stderr
+    assert "re-save it" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not list((out / "shards").glob("*.tar"))

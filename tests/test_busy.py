@@ -62,3 +62,22 @@ def test_build_reports_busy_fraction_per_actor(tmp_path, caplog):
     assert summary.detectors[0].images == generated
     busy_lines = [r.getMessage() for r in caplog.records if " busy " in r.getMessage()]
     assert [ln.split(" busy ")[0] for ln in busy_lines] == ["generator 0", "generator 1", "detector 0"]
+
+
+def test_the_progress_log_line_gives_the_time_left(caplog, monkeypatch):
+    """Without a terminal (`ray job submit`, CI) the log line carries the ETA that the rich bar shows."""
+    from factory import progress
+
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    p = progress.BuildProgress(target=1000, num_shards=4)
+    p.start(accepted=100, shards=0)  # a resume: 100 already on disk
+    with caplog.at_level(logging.INFO, logger="factory.progress"):
+        p.tick(force=True)
+        now[0] += 60.0
+        p.shard_done(samples=300, candidates=400, rejected={"realism": 100})
+    first, second = [r.getMessage() for r in caplog.records]
+    assert "accepted 100/1000" in first and "ETA -" in first  # nothing accepted this run yet: no rate
+    # 300 in 60 s is 5/s; 600 left -> 120 s
+    assert "accepted 400/1000" in second and "5.0/s" in second and "ETA 0:02:00" in second, second
+    assert "rejected: realism=100" in second

@@ -106,7 +106,7 @@ def test_job_submit_runs_on_worker_hosts(lab, working_dir, tmp_path):
     cl = _cluster(lab)
     out = tmp_path / "out"
     two = ["runtime.num_generators=2", "runtime.generator_cpus=1.2", "runtime.detector_cpus=0.3",
-           "runtime.shard_task_cpus=0.1"]  # fmt: skip
+           "runtime.shard_worker_cpus=0.1"]  # fmt: skip
     sid = cl.submit(working_dir, *_build_cmd(out, *[a for kv in two for a in ("--set", kv)]))
     status = cl.wait_job(sid, 300)
     assert status == "SUCCEEDED", cl.job_logs(sid)[-4000:]

@@ -95,6 +95,21 @@ def test_build_json_frozen_and_resume_refuses_other_config(tmp_path):
     assert not (tmp_path / "out" / "shards" / "mifa-000000.tar").exists()
 
 
+def test_an_unreadable_build_json_is_refused_unless_new_build_deletes_it(tmp_path):
+    out = tmp_path / "out"
+    cfg = load_config(None, ["build.target=10", "build.shard_size=5"])
+    prepare_output(cfg, str(out))
+    (out / "shards" / "mifa-000000.tar").write_bytes(b"old")
+    for text in ("{", "[1, 2]", '{"build_id": "x"}'):
+        (out / "build.json").write_text(text)
+        with pytest.raises(ConfigError, match="build.json is unreadable.*--new-build"):
+            prepare_output(cfg, str(out))
+        assert (out / "shards" / "mifa-000000.tar").exists()
+    _, rec = prepare_output(cfg, str(out), new_build=True)
+    assert rec["build_id"] == cfg.identity_hash() == json.loads((out / "build.json").read_text())["build_id"]
+    assert not (out / "shards" / "mifa-000000.tar").exists()
+
+
 def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
     """One list decides both: every key `resumable` accepts is absent from identity_dict, every other
     key of the config is in it."""
@@ -111,6 +126,14 @@ def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
     assert {k for k in everything if resumable(k)} == everything - identity
     assert {"runtime.num_generators", "build.max_oversample", "build.shard_retries"} <= everything - identity
     assert not resumable("build.seed") and not resumable("runtimes.x") and not resumable("build.max_oversampled")
+
+
+def test_a_build_json_from_before_a_runtime_key_was_renamed_still_loads():
+    from factory.config import config_from_dict
+
+    old = config_from_dict({"runtime": {"shard_task_cpus": 0.5}})  # shard tasks became shard worker actors
+    assert old.runtime.shard_worker_cpus == 0.5 and "shard_task_cpus" not in old.model_dump()["runtime"]
+    assert load_config(None, ["runtime.shard_worker_cpus=0.3"]).runtime.shard_worker_cpus == 0.3
 
 
 def test_detector_threads_follow_the_actor_cpu_share():

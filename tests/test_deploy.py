@@ -162,8 +162,8 @@ def fit_problems(cfg: FactoryConfig, nodes: list[Node]) -> list[str]:
             problems.append(f"a {kind} actor ({cpus:g} CPU, {gpus:g} GPU) fits on no node: add workers")
     in_flight = rt.max_shards_in_flight or 2 * n_gen
     spare = sum(f[0] for f in free)
-    if spare + EPS < in_flight * rt.shard_task_cpus:
-        problems.append(f"{in_flight} shard workers need {in_flight * rt.shard_task_cpus:g} CPUs, {spare:g} are left")
+    if spare + EPS < in_flight * rt.shard_worker_cpus:
+        problems.append(f"{in_flight} shard workers need {in_flight * rt.shard_worker_cpus:g} CPUs, {spare:g} are left")
     for n in nodes:
         if n.gpu and n.memory < MIN_MEMORY_PER_GPU * n.gpu:
             problems.append(f"{n.name}: {n.memory / 2**30:.0f} GiB for {n.gpu:g} GPUs, want >= 16 GiB per GPU")

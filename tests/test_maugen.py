@@ -416,6 +416,15 @@ def test_train_config_errors_name_the_key(tmp_path):
     bad.write_text("steps: [1, 2\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_train_config(bad)
+    # the same --set parser as factory build: errors name the --set, unparseable YAML stays text
+    with pytest.raises(ValueError, match="expected KEY=VALUE, for example --set steps=100"):
+        load_train_config(None, ["steps"])
+    with pytest.raises(ValueError, match="--set steps.x: steps is a value, not a section"):
+        load_train_config(None, ["steps=3", "steps.x=1"])
+    assert load_train_config(None, ["out=[runs"]).out == "[runs"
+    empty = tmp_path / "empty-section.yaml"
+    empty.write_text("model:\nsteps: 5\n")  # a section left empty in YAML takes overrides
+    assert load_train_config(empty, ["model.image_size=32"]).model.image_size == 32
 
 
 def _overfit_batch() -> PuppetFaceDataset:

@@ -146,4 +146,12 @@ def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
     for s in stats:
         assert s["detect"]["enabled"] and s["generator"].startswith("maugen@"), s
         assert s["candidates"] == s["funnel"]["accepted"] + sum(s["rejected"].values()), s
-    assert factory("verify", str(out)).returncode == 0
+    factory("verify", str(out), check=True)
+
+
+def test_a_checkpoint_trained_at_another_size_than_the_corpus_is_refused():
+    from factory.generators import MAUGenGenerator
+
+    with pytest.raises(ValueError, match=r"trained at 64 px but puppet.image_size .* is 128; set puppet.image_size=64"):
+        MAUGenGenerator(load_config(None, ["generator=maugen", "puppet.image_size=128"]))
+    assert MAUGenGenerator(load_config(None, ["generator=maugen"])).size == 64

@@ -37,7 +37,7 @@ def test_num_generators_rejects_other_words():
 
 
 SMALL = ["generator=puppet", "build.target=40", "build.shard_size=20", "runtime.progress=false",
-         "runtime.generator_cpus=0.5", "runtime.detector_cpus=0.25", "runtime.shard_task_cpus=0.1"]  # fmt: skip
+         "runtime.generator_cpus=0.5", "runtime.detector_cpus=0.25", "runtime.shard_worker_cpus=0.1"]  # fmt: skip
 
 
 @pytest.fixture

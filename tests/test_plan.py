@@ -114,6 +114,20 @@ def test_the_budget_never_changes_the_candidates_of_a_shard_that_fills():
     assert kept["2.88"] == kept["50"] and kept["50"][1] > 576
 
 
+def test_the_dry_run_bounds_what_shards_that_never_fill_draw():
+    """--dry-run's max_candidates holds although the last round of a shard may pass its budget."""
+    cfg = load_config(None, ["build.target=80", "build.shard_size=50", "build.max_oversample=1.3"])
+    plan = Plan(cfg)
+    drawn = 0
+    for spec in plan.shards():
+        sampler = ShardSampler(spec, cfg)
+        with pytest.raises(QuotaExhaustedError):
+            _fill(sampler, lambda c: False)
+        drawn += sampler.drawn
+    # budgets 65 and 39 in rounds of up to 32: the bound is (65 + 31) + (39 + 31), above 1.3 x 80 = 104
+    assert plan.summary()["max_candidates"] == 166 and 104 < drawn <= 166, drawn
+
+
 def test_dry_run_plans_a_million_without_ray():
     p = subprocess.run(
         [sys.executable, "-m", "factory.cli", "build", "--target", "1000000", "--shard-size", "1000", "--dry-run"],

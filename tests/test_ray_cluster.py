@@ -81,4 +81,4 @@ def test_driver_with_ray_address_and_job_submit(cluster, tmp_path):
     )  # fmt: skip
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
     assert "succeeded" in q.stdout + q.stderr
-    assert factory("verify", str(out2)).returncode == 0
+    factory("verify", str(out2), check=True)

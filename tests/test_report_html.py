@@ -125,6 +125,9 @@ def test_json_figures_agree_with_the_parquets(corpus):
     for m in metas:  # every one generated (the grammar prompts all pass): labels and image kept
         assert m["key"] in stats["rejected_examples"][m["reason"]] and m["key"] in pngs
         assert len(m["labels"]["intensity"]) == NUM_AUS and m["prompt"]
+    # without --html no image is read: the card says where the stored one is, not "not generated"
+    shown = [s for s in rej if s["shard"] == "mifa-000000"]
+    assert shown and all(s["no_image"].startswith("image in rejected/") for s in shown), shown
     assert not list((corpus / "shards").glob("*rejected*"))
 
 
@@ -175,5 +178,23 @@ def test_bad_input_names_the_file_and_the_fix(corpus, tmp_path):
     bad = tmp_path / "bad-build-json"
     shutil.copytree(corpus, bad)
     (bad / "build.json").write_text("{")
-    p = factory("report", str(bad))
-    assert p.returncode == 2 and "build.json" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    for cmd in ("report", "verify", "resume", "eval"):
+        p = factory(cmd, str(bad))
+        assert p.returncode == 2 and "build.json" in p.stderr and "--new-build" in p.stderr, (cmd, p.stderr)
+        assert "Traceback" not in p.stderr, (cmd, p.stderr)
+
+
+def test_throughput_leaves_out_the_time_between_a_build_and_its_resume():
+    """Build time is the union of the shards' [start, end]: two overlapping shards, then one more a day later."""
+    from factory.report import _build_clock, _timeline
+
+    day = 86_400.0
+    stats = [
+        {"timings": {"start": 100.0, "end": 110.0}, "samples": 5, "node": "n1"},
+        {"timings": {"start": 105.0, "end": 120.0}, "samples": 5, "node": "n1"},
+        {"timings": {"start": day, "end": day + 10.0}, "samples": 5, "node": "n1"},
+    ]
+    clock, total = _build_clock(stats)
+    assert total == 30.0
+    assert [clock(t) for t in (50.0, 100.0, 110.0, 120.0, 1000.0, day + 5.0)] == [0.0, 0.0, 10.0, 20.0, 20.0, 25.0]
+    assert [p for pts in _timeline(stats).values() for p in pts] == [[10.0, 5], [20.0, 10], [30.0, 15]]

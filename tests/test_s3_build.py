@@ -114,7 +114,7 @@ def test_resume_after_crash_redoes_exactly_the_unmarked_shard(s3_build):
     assert {n: fs.cat(f"{shards}/{n}.tar") for n in SHARDS} == tars  # redone byte for byte
     after = {n: fs.cat(f"{shards}/{n}.stats.json") for n in SHARDS}
     assert {n for n in SHARDS if after[n] != markers[n]} == {"mifa-000002"}  # only shard 2 was redone
-    assert factory("verify", URL, env=env).returncode == 0
+    factory("verify", URL, env=env, check=True)
 
 
 def test_missing_bucket_is_a_clear_error(s3_env):

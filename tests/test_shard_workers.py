@@ -117,7 +117,7 @@ def test_worker_killed_mid_shard_is_replaced_and_its_shard_redone(tmp_path):
     assert len(stats) == 12 and sum(s["samples"] for s in stats.values()) == 600
     assert any(s["attempt"] == 2 for s in stats.values())  # the shard it was running, redone
     assert 2 <= len({s["worker_id"] for s in stats.values()}) <= 3  # the survivor, maybe the replacement
-    assert factory("verify", str(out)).returncode == 0
+    factory("verify", str(out), check=True)
     assert not list(out.rglob(".tmp-*"))  # the killed attempt's temporary tar, swept at the end
 
 

@@ -97,3 +97,38 @@ def test_kept_rejected_samples_go_outside_the_corpus_before_the_marker(tmp_path,
     (tmp_path / "shards" / "mifa-000000.stats.json").unlink()
     removed = clean_uncommitted(layout, scan(layout, "x").committed)
     assert str(tmp_path / "rejected" / "mifa-000000.tar") in removed and not list((tmp_path / "rejected").iterdir())
+
+
+def test_verify_reads_every_sample_and_names_what_is_wrong():
+    """Checks that hold under `python -O`: a NaN or misshapen label array, a json naming another key."""
+    from factory.verify import VerifyReport, _check_tar
+    from pipelines.facs import NUM_AUS
+
+    img = encode_image(np.zeros((8, 8, 3), np.uint8), "png", 95)
+
+    def npy(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    good = np.zeros((2, NUM_AUS), np.float32)
+    nan = good.copy()
+    nan[1, 3] = np.nan
+    rows = [
+        ("mifa-000000-0", "mifa-000000-0", good),
+        ("mifa-000000-1", "mifa-000000-1", nan),
+        ("mifa-000000-2", "mifa-000000-2", np.zeros((NUM_AUS,), np.float32)),
+        ("mifa-000000-3", "mifa-000000-9", good),
+    ]
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False) as tw:
+        for key, named, au in rows:
+            tw.write({"__key__": key, "json": json.dumps({"key": named}).encode(), "au.npy": npy(au), "png": img})
+    report = VerifyReport()
+    keys = _check_tar("mifa-000000", buf.getvalue(), {}, report)
+    assert keys == [k for k, _, _ in rows]
+    problems = report.problems["mifa-000000"]
+    assert len(problems) == 3, problems
+    assert "mifa-000000-1: au.npy" in problems[0] and "finite" in problems[0]
+    assert "mifa-000000-2: au.npy is (12,)" in problems[1]
+    assert "mifa-000000-3: its json names key 'mifa-000000-9'" in problems[2]

@@ -34,6 +34,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from pipelines.overrides import apply_override
+
 from . import core, losses
 from .build import MAUGenConfig, build_pipeline
 from .pipeline import MAUGenPipeline
@@ -162,16 +164,7 @@ def load_train_config(
         if ablation != "full" and not any(o.startswith("out=") for o in overrides):
             overrides.append(f"out={raw.get('out', TrainConfig().out)}-{ablation}")
     for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set steps=100")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for k in parts[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {k} is not a section")  # noqa: TRY004 - a config error
-        node[parts[-1]] = yaml.safe_load(value)
+        apply_override(raw, item, example="steps=100")  # an OverrideError is a ValueError naming the --set
     try:
         return TrainConfig(**raw)
     except ValidationError as e:
