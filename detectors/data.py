@@ -102,6 +102,9 @@ NEGATIVE_KINDS: tuple[str, ...] = (
 )
 
 
+_SWAPS = [p for p in itertools.permutations(range(3)) if p != (0, 1, 2)]
+
+
 def degrade(img: np.ndarray, other: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """A negative example of `kind` made from a real render `img` (and a second one, `other`)."""
     from PIL import Image, ImageFilter
@@ -133,7 +136,8 @@ def degrade(img: np.ndarray, other: np.ndarray, kind: str, rng: np.random.Genera
     elif kind == "heavy_noise":
         out = f + rng.normal(0, 60 + 40 * rng.random(), img.shape)
     elif kind == "channel_swap":
-        out = 255 - f if rng.random() < 0.4 else f[..., rng.permutation([2, 0, 1]) if rng.random() < 0.5 else [2, 1, 0]]
+        # inverted, or the channels in one of the five orders that are not the original
+        out = 255 - f if rng.random() < 0.4 else f[..., list(_SWAPS[rng.integers(len(_SWAPS))])]
     elif kind == "patch_shuffle":
         t = int(rng.choice([2, 4]))
         ph, pw = h // t, w // t

@@ -2,7 +2,7 @@
 
 They are diffusers-style `ModelMixin, ConfigMixin` models, so `save_pretrained` / `from_pretrained`
 round-trip them from a local folder. What runs inside the factory is their ONNX export (see
-`detectors/export.py`); the torch weights stay next to it for the parity test, the ONNX-vs-torch
+`detectors/train.py::export_onnx`); the torch weights stay next to it for the parity test, the ONNX-vs-torch
 benchmark and the identity loss of MAUGen, which needs gradients through the encoder.
 
 Three AU architectures on purpose: consensus is only worth something when the detectors fail

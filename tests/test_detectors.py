@@ -326,3 +326,16 @@ def test_feature_network_for_frechet_distances(heldout):
         FeatureNetwork("inception")
     with pytest.raises(ValueError, match="expected uint8"):
         net(heldout.images[:2].astype(np.float32))
+
+
+def test_every_channel_swap_negative_differs_from_its_render():
+    """A realism negative must be degraded: a channel order drawn as the original would be a clean
+    render labelled fake (1 in 20 of them before)."""
+    from detectors.data import degrade
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    outs = [degrade(img, img, "channel_swap", np.random.default_rng(s)) for s in range(300)]
+    assert not any(np.array_equal(o.astype(np.uint8), img) for o in outs)
+    orders = {tuple(int(o[0, 0, c]) for c in range(3)) for o in outs}
+    assert len(orders) == 6  # the five other orders and the inversion

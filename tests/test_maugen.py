@@ -4,7 +4,9 @@ the Table 3 switches, SD 1.5 sizes, a local SD directory, training with resume, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import FAST, factory
+from conftest import FAST, ROOT, factory
 
 from pipelines.maugen import ConditionalLabelDecoder, MAUGenConfig, MAUGenPipeline, build_pipeline, core, losses
 from pipelines.maugen.build import SD15_TEXT, build_word_tokenizer, load_identity_encoder, prompt_corpus, sd15_on_meta
@@ -226,6 +228,28 @@ def test_masked_denoising_loss_ignores_pixels_outside_the_mask():
         losses.masked_denoising_loss(pred, target, mask[:, :, :4])
 
 
+def test_text_au_loss_reads_occurrence_where_only_occurrence_is_coded():
+    """BP4D codes AU1's occurrence but not its intensity; the prompt describes it, so the loss must too."""
+    from pipelines.maugen.label_decoder import LabelOutput
+
+    logits = torch.zeros(1, 12, requires_grad=True)
+    labels = LabelOutput(logits, torch.full((1, 12), 2.0), torch.zeros(1, 12, 4), [])
+    nan = float("nan")
+    intensity = torch.full((1, 12), nan)
+    intensity[0, 5] = 3.0  # AU12: intensity coded, occurring
+    occurrence = torch.full((1, 12), nan)
+    occurrence[0, 0] = 1.0  # AU1: occurrence coded only
+    occurrence[0, 5] = 0.0  # disagrees with the coded intensity, which the prompt describes: ignored
+    loss = losses.text_au_loss(labels, intensity, target_occurrence=occurrence)
+    loss.backward()
+    assert set(torch.nonzero(logits.grad[0]).flatten().tolist()) == {0, 5}
+    assert logits.grad[0, 0] < 0 and logits.grad[0, 5] < 0  # both pushed towards "occurring"
+    # |2 - 3| / 5 on AU12's intensity plus BCE(0, 1) over the two AUs
+    assert float(loss) == pytest.approx(float(np.log(2.0)) + 1 / 5, rel=1e-5)
+    only_intensity = losses.text_au_loss(labels, intensity)  # puppet / DISFA: no occurrence code needed
+    assert float(only_intensity) == pytest.approx(float(np.log(2.0)) + 1 / 5, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "row",
     [
@@ -296,18 +320,22 @@ def test_from_a_local_stable_diffusion_directory(tmp_path, people):
 
     tok = build_word_tokenizer(prompt_corpus(300), max_length=24)
     sd = tmp_path / "sd"
-    UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    ).save_pretrained(sd / "unet")
+
+    def unet(in_channels: int) -> UNet2DConditionModel:
+        return UNet2DConditionModel(
+            sample_size=8,
+            in_channels=in_channels,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
+
+    unet(4).save_pretrained(sd / "unet")
     AutoencoderKL(
         block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -336,6 +364,9 @@ def test_from_a_local_stable_diffusion_directory(tmp_path, people):
         )
     ).save_pretrained(sd / "text_encoder")
     tok.save_pretrained(sd / "tokenizer")
+    DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(sd / "scheduler")
+    with pytest.raises(ValueError, match="predicts 'v_prediction', but MAUGen trains epsilon"):
+        MAUGenPipeline.from_stable_diffusion(sd, load_identity_encoder("builtin:identity"))
     DDIMScheduler(beta_schedule="scaled_linear").save_pretrained(sd / "scheduler")
     with pytest.raises(FileNotFoundError, match="missing unet"):
         MAUGenPipeline.from_stable_diffusion(tmp_path, load_identity_encoder("builtin:identity"))
@@ -348,6 +379,21 @@ def test_from_a_local_stable_diffusion_directory(tmp_path, people):
     ex = np.stack([people[i].exemplar for i in range(2)])
     out = p(["lips apart", "brows down"], ex, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 64, 64, 3) and out.au_occurrence.shape == (2, 12)
+
+    # an inpainting base VAE-encodes the exemplar: a seed still fixes the sample, whatever torch's global RNG holds
+    unet(9).save_pretrained(sd / "unet")
+    p = MAUGenPipeline.from_stable_diffusion(
+        sd, load_identity_encoder("builtin:identity"), label_layers=(1,), tokens_per_side=4, num_heads=2
+    )
+    p.set_progress_bar_config(disable=True)
+    masks = np.stack([people[i].mask for i in range(2)])
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        call = dict(num_inference_steps=2, mask_image=masks, generator=torch.Generator().manual_seed(0))
+        runs.append(p(["lips apart", "brows down"], ex, **call).images)
+    assert p.inpainting
+    np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_train_logs_every_term_checkpoints_and_resumes(tmp_path):
@@ -370,6 +416,10 @@ def test_train_logs_every_term_checkpoints_and_resumes(tmp_path):
     (half / "COMPLETE").unlink()
     tr2 = Trainer(TrainConfig(**base, steps=4), dataset=ds)
     assert tr2.resume() and tr2.step == 2
+    assert tr2._consensus_cache and tr2._consensus_cache.keys() == tr._consensus_cache.keys()
+    # cached detector consensus belongs to its images and voters: other data drops it on resume
+    other = Trainer(TrainConfig(**base, steps=4, data={"seed": 7}), dataset=ds)
+    assert other.resume() and other._consensus_cache == {}
     for name in ("unet", "label_decoder", "conditioner"):
         a, b = getattr(tr.pipe, name).state_dict(), getattr(tr2.pipe, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -674,3 +724,40 @@ def test_directional_clip_loss_runs_with_a_local_clip(tmp_path):
             cfg.model_copy(update={"losses": cfg.losses.model_copy(update={"clip_model": str(tmp_path / "nope")})}),
             dataset=ds,
         )
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_flagged(pipe):
+    from pipelines.maugen import core
+
+    limit = pipe.tokenizer.model_max_length
+    with pytest.warns(UserWarning, match=f"longer than the text encoder's {limit} tokens are cut"):
+        core.encode_prompt(pipe.tokenizer, pipe.text_encoder, ["smile " * (2 * limit), "smile"], "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        core.encode_prompt(pipe.tokenizer, pipe.text_encoder, ["a clear smile"], "cpu")
+
+
+def test_two_training_processes_draw_their_own_noise_and_stay_in_step(tmp_path):
+    """Each process draws its own noise and condition dropout (so some parameters get no gradient on
+    one process and do on the other); the gradient all-reduce must still keep the weights identical."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, ACCELERATE_USE_CPU="true", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        worker = ROOT / "tests" / "maugen_ddp_worker.py"
+        cmd = [sys.executable, str(worker), str(tmp_path / "run"), str(tmp_path / f"r{rank}.json")]
+        procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    r0, r1 = (json.loads((tmp_path / f"r{rank}.json").read_text()) for rank in range(2))
+    assert r0["processes"] == r1["processes"] == 2
+    assert all(a != b for a, b in zip(r0["draws"], r1["draws"]))  # each process its own noise
+    assert r0["weights"] == r1["weights"]  # the same update everywhere
+    assert (tmp_path / "run" / "final" / "model_index.json").is_file()

@@ -130,6 +130,14 @@ def test_response_format_rejected_is_dropped_and_remembered(server):
     assert stats.errors_by_kind == {"response_format_rejected": 1}
 
 
+def test_another_400_gives_up_that_request_and_keeps_structured_output(server):
+    server.push(lambda body: Response(status=400, error="maximum context length is 4096 tokens"))
+    out, stats = _expander(server.base_url, max_concurrency=1).expand_batch(_reqs(2))
+    assert [e.expander for e in out] == ["grammar", "llm"] and out[0].fallback
+    assert stats.errors_by_kind == {"http_400": 1, "fallback_http_400": 1}, stats.errors_by_kind
+    assert all("response_format" in b for b in server.requests)  # the next request still asks for JSON
+
+
 def test_cache_second_run_makes_no_http_calls(server, tmp_path):
     server.push("wrong_aus")  # a re-ask is replayed from the cache too
     reqs = _reqs(8)
@@ -166,6 +174,22 @@ def test_extract_description():
     assert extract_description('```json\n{"description": "Raised cheeks, a smile."}\n```')[1] == "json"
     assert extract_description('{"description": "Raised cheeks, a clear smile')[1] == "salvaged"
     assert extract_description("{broken")[0] is None
+    assert extract_description('{"description": ""}') == (None, "bad_length")
+    assert extract_description(json.dumps({"description": "smile " * 151})) == (None, "bad_length")
+
+
+def test_an_empty_or_refusing_reply_is_not_taken_for_a_neutral_face():
+    """Both read as 'no AUs', which a neutral target wants: the reply must describe a face at all."""
+    neutral = ExpansionRequest(emotion="neutral", strength=0, intensity=(0,) * len(AUS), seed=5)
+    for content, kind, hint in [
+        (json.dumps({"description": ""}), "reply_bad_length", "3 to 150 words"),
+        ("I am sorry, but I cannot help with that request.", "reply_not_a_face", "Describe the face itself"),
+    ]:
+        with FakeOpenAIServer(default=lambda body, c=content: Response(content=c)) as s:
+            out, stats = _expander(s.base_url, reask=1).expand_batch([neutral])
+        assert out[0].expander == "grammar" and out[0].fallback, (kind, out[0])
+        assert stats.errors_by_kind.get(kind) == 2 and stats.reasks == 1, (kind, stats.errors_by_kind)
+        assert hint in s.requests[1]["messages"][-1]["content"]
 
 
 def test_callable_behaviour_neutral_target():

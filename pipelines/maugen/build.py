@@ -23,8 +23,6 @@ from diffusers import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.facs import NUM_AUS
-
 from .pipeline import AU_TEXTS, MAUGenPipeline
 
 log = logging.getLogger(__name__)
@@ -313,30 +311,14 @@ def sd15_on_meta(
 
     from detectors.models import IdentityNet
 
-    from .conditioning import MAUGenConditioner
-    from .core import tapped_channels
-    from .label_decoder import ConditionalLabelDecoder
-    from .pipeline import tapped_sides
+    from .pipeline import label_parts
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**(SD15_UNET | {"in_channels": 9 if inpainting else 4}))
         vae = AutoencoderKL(**SD15_VAE)
         text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
         ident = IdentityNet()
-        cond = MAUGenConditioner(cross_attention_dim=768, id_embed_dim=ident.config.dim, num_id_tokens=2, query_dim=768)
-        sides = tapped_sides(unet, label_layers)
-        dec = ConditionalLabelDecoder(
-            label_layers=label_layers,
-            feature_channels=tapped_channels(unet, label_layers),
-            patch_sizes=tuple(max(1, s // tokens_per_side) for s in sides),
-            temb_dim=unet.time_embedding.linear_2.out_features,
-            text_dim=768,
-            id_embed_dim=ident.config.dim,
-            query_dim=768,
-            num_heads=8,
-            head_hidden=256,
-            num_aus=NUM_AUS,
-        )
+        cond, dec = label_parts(unet, text.config.hidden_size, ident.config.dim, label_layers, tokens_per_side)
     assert next(unet.parameters()).device.type == "meta"
     return {
         "unet": count(unet),

@@ -6,6 +6,7 @@ blocks capture z(l) (no forked UNet); the label decoder turns them into AU label
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -81,9 +82,15 @@ def encode_prompt(
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise TypeError(f"prompts must be strings; entries {bad[:5]} are not")
-    enc = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
+    limit = tokenizer.model_max_length
+    enc = tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+    cut = sum(len(ids) > limit for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids)
+    if cut:  # the model is conditioned on less than the checks judge; one warning per process and caller
+        warnings.warn(
+            f"prompts longer than the text encoder's {limit} tokens are cut, so the model never reads their end; "
+            "train with a larger model.max_length",
+            stacklevel=2,
+        )
     ids = enc.input_ids.to(device)
     tokens = text_encoder(ids)[0]
     return tokens, enc.attention_mask.to(device).bool()

@@ -3,7 +3,8 @@
 - eq. 10, masked denoising: || M * (eps - eps_hat) ||^2 averaged over the face mask M (given by the
   data at the diffusion resolution), so pixels outside the face give no gradient.
 - eq. 9, text-AU: the label branch against the AU vector the prompt describes (BCE on occurrence,
-  L1 on intensity / 5); AUs the dataset does not code (NaN) are left out.
+  L1 on intensity / 5); occurrence comes from the intensity where it is coded, else from the
+  dataset's occurrence code; AUs coded in neither (NaN) are left out.
 - image-label: the label branch against detector consensus on the training image; only AUs the
   detectors agreed on contribute.
 - identity (ArcFace-style): 1 - cos(E_id(x0_hat), E_id(exemplar)), rows weighted by sqrt(alpha_bar_t)
@@ -64,9 +65,14 @@ def text_au_loss(
     target_intensity: torch.Tensor,
     rows: torch.Tensor | None = None,
     threshold: int = DEFAULT_OCCURRENCE_THRESHOLD,
+    target_occurrence: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 9: labels against the prompt's AU vector (intensities; occurrence = intensity >= threshold)."""
+    """Eq. 9: labels against the AU vector the prompt describes. Occurrence is intensity >= threshold
+    where the intensity is coded, else the dataset's own occurrence code (BP4D codes occurrence for
+    more AUs than intensity, and its prompts describe those); intensity is judged where coded."""
     occ = torch.where(torch.isfinite(target_intensity), (target_intensity >= threshold).float(), target_intensity)
+    if target_occurrence is not None:
+        occ = torch.where(torch.isfinite(occ), occ, target_occurrence.float())
     mask = torch.ones_like(occ, dtype=torch.bool) if rows is None else rows.bool()[:, None].expand_as(occ)
     return label_loss(labels, occ, target_intensity, mask)
 

@@ -187,13 +187,18 @@ class MAUGenPipeline(DiffusionPipeline):
     def inpainting(self) -> bool:
         return core.is_inpainting(self.unet, self.latent_channels)
 
-    def encode_images(self, x: torch.Tensor, generator=None) -> torch.Tensor:
-        """Images in [-1, 1] -> the diffusion space (VAE latents, or the pixels folded into p x p patches)."""
+    def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> the diffusion space (VAE latents, or the pixels folded into p x p patches).
+
+        A VAE latent is sampled with `generator` (training targets); without one it is the posterior's
+        mode, so conditions (the exemplar, the masked image) never draw from torch's global RNG and a
+        seed fixes the sample."""
         if self.vae is None:
             p = self.patch_size
             return F.pixel_unshuffle(x, p) if p > 1 else x
         dist = self.vae.encode(x.to(self.vae.dtype)).latent_dist
-        return dist.sample(generator) * self.vae.config.scaling_factor
+        z = dist.mode() if generator is None else dist.sample(generator)
+        return z * self.vae.config.scaling_factor
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -251,7 +256,7 @@ class MAUGenPipeline(DiffusionPipeline):
                     "this MAUGen is an inpainting model: pass mask_image (1 = the face region to generate)"
                 )
             mask = to_mask_tensor(mask_image, b, size).to(device)
-            masked_l = self.encode_images(ident * (1.0 - mask), generator=None).to(dtype)
+            masked_l = self.encode_images(ident * (1.0 - mask)).to(dtype)
             mask_l = core.latent_mask(mask, (height // sf, width // sf)).to(dtype)
 
         shape = (b, self.latent_channels, height // sf, width // sf)
@@ -355,6 +360,11 @@ class MAUGenPipeline(DiffusionPipeline):
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
         tokenizer = AutoTokenizer.from_pretrained(root, subfolder="tokenizer")
         scheduler = DDIMScheduler.from_pretrained(root, subfolder="scheduler")
+        if scheduler.config.prediction_type != "epsilon":  # MAUGen's losses regress the noise (eq. 10)
+            raise ValueError(
+                f"{root}/scheduler predicts {scheduler.config.prediction_type!r}, but MAUGen trains epsilon "
+                "prediction; use a Stable Diffusion 1.5 (inpainting) base"
+            )
         return cls.assemble(
             unet,
             vae,
@@ -385,27 +395,15 @@ class MAUGenPipeline(DiffusionPipeline):
         **label_decoder_kwargs,
     ) -> MAUGenPipeline:
         """A pipeline around given base parts, with a fresh conditioner and label decoder sized to them."""
-        text_dim = text_encoder.config.hidden_size
-        id_dim = int(identity_encoder.config.dim)
-        sides = tapped_sides(unet, label_layers)
-        patches = tuple(max(1, s // tokens_per_side) for s in sides)
-        conditioner = MAUGenConditioner(
-            cross_attention_dim=unet.config.cross_attention_dim,
-            id_embed_dim=id_dim,
-            num_id_tokens=num_id_tokens,
-            query_dim=text_dim,
-            au_tokens_in_up_path=au_tokens_in_up_path,
-        )
-        kw = {"num_heads": 8, "head_hidden": 256} | label_decoder_kwargs
-        label_decoder = ConditionalLabelDecoder(
-            label_layers=tuple(label_layers),
-            feature_channels=core.tapped_channels(unet, label_layers),
-            patch_sizes=patches,
-            temb_dim=unet.time_embedding.linear_2.out_features,
-            text_dim=text_dim,
-            id_embed_dim=id_dim,
-            query_dim=text_dim,
-            **kw,
+        conditioner, label_decoder = label_parts(
+            unet,
+            text_encoder.config.hidden_size,
+            int(identity_encoder.config.dim),
+            label_layers,
+            tokens_per_side,
+            num_id_tokens,
+            au_tokens_in_up_path,
+            **label_decoder_kwargs,
         )
         pipe = cls(
             unet=unet,
@@ -423,6 +421,38 @@ class MAUGenPipeline(DiffusionPipeline):
             if isinstance(m, torch.nn.Module):
                 m.eval()  # as from_pretrained leaves them, so a fresh and a reloaded pipeline compute alike
         return pipe
+
+
+def label_parts(
+    unet: UNet2DConditionModel,
+    text_dim: int,
+    id_dim: int,
+    label_layers: Sequence[int],
+    tokens_per_side: int,
+    num_id_tokens: int = 2,
+    au_tokens_in_up_path: bool = False,
+    **label_decoder_kwargs,
+) -> tuple[MAUGenConditioner, ConditionalLabelDecoder]:
+    """MAUGen's own parts, sized to a UNet and its text and identity encoders: the conditioner and the
+    label decoder (AU queries of the text width, one patch grid of about `tokens_per_side` per tap)."""
+    conditioner = MAUGenConditioner(
+        cross_attention_dim=unet.config.cross_attention_dim,
+        id_embed_dim=id_dim,
+        num_id_tokens=num_id_tokens,
+        query_dim=text_dim,
+        au_tokens_in_up_path=au_tokens_in_up_path,
+    )
+    label_decoder = ConditionalLabelDecoder(
+        label_layers=tuple(label_layers),
+        feature_channels=core.tapped_channels(unet, label_layers),
+        patch_sizes=tuple(max(1, s // tokens_per_side) for s in tapped_sides(unet, label_layers)),
+        temb_dim=unet.time_embedding.linear_2.out_features,
+        text_dim=text_dim,
+        id_embed_dim=id_dim,
+        query_dim=text_dim,
+        **({"num_heads": 8, "head_hidden": 256} | label_decoder_kwargs),
+    )
+    return conditioner, label_decoder
 
 
 def tapped_sides(unet: UNet2DConditionModel, layers: Sequence[int]) -> tuple[int, ...]:

@@ -297,6 +297,15 @@ class Trainer:
             batch["consensus_agree"] = torch.from_numpy(agree)
         return batch
 
+    def _consensus_key(self) -> str:
+        """What the cached consensus of sample i depends on: which image i is, and who votes."""
+        c = self.cfg
+        return json.dumps(
+            [c.data.model_dump(mode="json", exclude={"workers"}), c.model.image_size, c.losses.detectors,
+             c.losses.min_agree],
+            sort_keys=True,
+        )
+
     def _consensus(self, indices: list[int], samples) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Detector consensus on the training images (cached per sample: the images never change)."""
         todo = [j for j, i in enumerate(indices) if i not in self._consensus_cache]
@@ -330,7 +339,7 @@ class Trainer:
         b = x0.shape[0]
         with torch.no_grad():
             id_emb = core.embed_identity(pipe.identity_encoder, exemplar)
-            z0 = pipe.encode_images(x0)
+            z0 = pipe.encode_images(x0, generator=generator)  # a VAE's latent is drawn from the step's seed
             masked = pipe.encode_images(exemplar * (1.0 - mask)) if pipe.inpainting else None
         mask_l = core.latent_mask(mask, z0.shape[-2:])
         ctx = torch.enable_grad() if (train and self.cfg.train_text_encoder) else torch.no_grad()
@@ -370,7 +379,9 @@ class Trainer:
         if "denoise" in self.active:
             out["denoise"] = losses.masked_denoising_loss(eps, noise, mask_l)
         if "text_au" in self.active:
-            out["text_au"] = losses.text_au_loss(labels, batch["intensity"].to(dev), rows=keep)
+            out["text_au"] = losses.text_au_loss(
+                labels, batch["intensity"].to(dev), rows=keep, target_occurrence=batch["occurrence"].to(dev)
+            )
         if "image_label" in self.active:
             out["image_label"] = losses.image_label_loss(
                 labels,
@@ -441,9 +452,16 @@ class Trainer:
             self.weights = {k: float(lc.weights.get(k, 1.0)) for k in terms}
         return sum(self.weights[k] * v for k, v in terms.items())
 
+    def step_generator(self) -> torch.Generator:
+        """Noise, timesteps, condition dropout and mutual conditioning of this step: seeded by (seed, step),
+        and by the process when there are several, or each would draw the same ones for its own batch."""
+        acc = self.accelerator
+        key = [self.cfg.seed, self.step, 1] + ([acc.process_index] if acc.num_processes > 1 else [])
+        return torch.Generator().manual_seed(int(np.random.default_rng(key).integers(2**62)))
+
     def train_step(self) -> dict[str, float]:
         self.modules.train()
-        g = torch.Generator().manual_seed(int(np.random.default_rng([self.cfg.seed, self.step, 1]).integers(2**62)))
+        g = self.step_generator()
         batch = self.make_batch(self.batch_indices(self.step))
         with self.accelerator.autocast():
             terms = self.compute_losses(batch, generator=g)
@@ -458,9 +476,10 @@ class Trainer:
             import torch.distributed as dist
 
             for p in self.params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.accelerator.num_processes
+                if p.grad is None:  # unused here (e.g. no condition dropped) but maybe not on another process:
+                    p.grad = torch.zeros_like(p)  # every process must reduce the same tensors
+                dist.all_reduce(p.grad)
+                p.grad /= self.accelerator.num_processes
         self.accelerator.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.lr_sched.step()
@@ -569,6 +588,7 @@ class Trainer:
                 "lr_sched": self.lr_sched.state_dict(),
                 "weights": self.weights,
                 "consensus_cache": self._consensus_cache,
+                "consensus_key": self._consensus_key(),
                 "ema": None if self.ema is None else self.ema.state_dict(),
             },
             tmp / "trainer.pt",
@@ -600,6 +620,13 @@ class Trainer:
         self.lr_sched.load_state_dict(state["lr_sched"])
         self.weights = state["weights"]
         self._consensus_cache = state.get("consensus_cache", {})
+        key = state.get("consensus_key")  # absent in checkpoints written before it was recorded
+        if key is not None and key != self._consensus_key():
+            log.warning(
+                "checkpoint %s cached detector consensus for other training images or detectors "
+                "(data / losses.detectors / losses.min_agree changed): recomputing it", ck
+            )
+            self._consensus_cache = {}
         if self.ema is not None:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])

@@ -110,17 +110,33 @@ _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 _DESCRIPTION_FIELD = re.compile(r'"description"\s*:\s*"((?:[^"\\]|\\.)*)')
 
 
+#: Words a description of a face uses (every grammar prompt has one); a refusal or an off-topic reply
+#: has none, and would otherwise pass the label check for a neutral target (no AUs read, none wanted).
+_FACE_WORD = re.compile(
+    r"\b(face|facial|expression|look|looks|brows?|eyebrows?|forehead|(eye)?lids?|eyes?|cheeks?|nose|nostrils?|"
+    r"lips?|mouth|jaw|chin|smile|smiling|frown|frowning)\b",
+    re.IGNORECASE,
+)
+MIN_WORDS, MAX_WORDS = 3, 150
+
+
+def describes_a_face(text: str) -> bool:
+    return bool(_FACE_WORD.search(text))
+
+
 def extract_description(content: str) -> tuple[str | None, str]:
-    """The description in a reply and how it was read: 'json', 'plain_text', 'salvaged' or 'unreadable'."""
+    """The description in a reply and how it was read: 'json', 'plain_text', 'salvaged', 'bad_length'
+    (a JSON description outside MIN_WORDS..MAX_WORDS, e.g. empty) or 'unreadable'."""
     s = _FENCE.sub("", content.strip()).strip()
     try:
-        return DescriptionReply.model_validate_json(s).description.strip(), "json"
+        text = DescriptionReply.model_validate_json(s).description.strip()
+        return (text, "json") if MIN_WORDS <= len(text.split()) <= MAX_WORDS else (None, "bad_length")
     except ValidationError:
         pass
-    if "{" not in s and "}" not in s and 3 <= len(s.split()) <= 150:
+    if "{" not in s and "}" not in s and MIN_WORDS <= len(s.split()) <= MAX_WORDS:
         return s, "plain_text"  # a server that ignores response_format
     m = _DESCRIPTION_FIELD.search(s)
-    if m and len(m.group(1).split()) >= 3:  # a truncated JSON reply
+    if m and len(m.group(1).split()) >= MIN_WORDS:  # a truncated JSON reply
         try:
             return json.loads(f'"{m.group(1)}"').strip(), "salvaged"
         except json.JSONDecodeError:
@@ -203,9 +219,17 @@ class LLMExpander:
             text, how = extract_description(content)
             if how in ("plain_text", "salvaged"):
                 stats.count_error(f"reply_{how}")
-            if text is None:
+            if how == "bad_length":
+                stats.count_error("reply_bad_length")
+                feedback = (f"Write one description of {MIN_WORDS} to {MAX_WORDS} words, as a JSON object "
+                            '{"description": "..."}.')
+            elif text is None:
                 stats.count_error("reply_unreadable")
                 feedback = 'That reply was not readable. Reply only with a JSON object {"description": "..."}.'
+            elif not describes_a_face(text):
+                stats.count_error("reply_not_a_face")
+                feedback = ("Describe the face itself (its brows, lids, cheeks, nose, lips, mouth and jaw), "
+                            'as a JSON object {"description": "..."}.')
             elif found := identity_terms(text):
                 stats.count_error("reply_identity_words")
                 feedback = (f"Remove every identity word ({', '.join(sorted(found))}): describe only the face's "
@@ -282,7 +306,8 @@ class LLMExpander:
                     stats.calls += 1
                     resp = await client.chat.completions.create(**body)
             except openai.BadRequestError as e:
-                if "response_format" in body:
+                # only a 400 about structured output turns it off (not, say, a context grown too long by re-asks)
+                if "response_format" in body and re.search(r"response_format|json_schema|structured", str(e), re.I):
                     # Server without structured output: drop it for this and every later request.
                     log.warning("LLM server rejected response_format (%s); continuing with plain JSON prompts",
                                 e.status_code)
