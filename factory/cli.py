@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -142,9 +143,8 @@ def _run(cfg: FactoryConfig, out: str, new_build: bool) -> None:
 def verify(out: Annotated[str, typer.Argument(help="output to check")]) -> None:
     """Check checksums, counts, key uniqueness and parquet/tar agreement; non-zero exit on a bad shard."""
     _setup_logging(False)
-    from .verify import verify as run_verify
-
     from .manifest import BuildRecordError
+    from .verify import verify as run_verify
 
     try:
         report = run_verify(out)
@@ -323,8 +323,30 @@ def detectors_train(
         typer.echo(json.dumps({"model": n, "heldout": rep["heldout"]}, indent=1, default=float))
 
 
+#: Commands that read parquet through Arrow and start nothing that needs a clean shutdown (no Ray).
+_ARROW_READERS = frozenset({"verify", "report", "eval"})
+
+
 def main() -> None:
-    app()
+    """The `factory` entry point. After a command that read parquet files, the process leaves without
+    interpreter teardown (its output flushed first): Arrow's thread pools can abort the process while
+    they are destroyed at exit ("terminate called without an active exception", apache/arrow#34314),
+    turning a finished `factory verify` into exit code -6."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if command not in _ARROW_READERS:
+        app()
+        return
+    try:
+        app()
+        code = 0
+    except SystemExit as e:  # typer ends every command with one
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            typer.echo(str(e.code), err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":
