@@ -6,7 +6,7 @@ step count and seed, then measures the final pipeline with bench_maugen_fidelity
 identities, random grammar prompts, the three builtin detectors and the realism discriminator) and
 prints one row per model, with each number's ratio to the full model's.
 
-Training is the cost: one row of the full recipe (16,000 steps) takes about 2 h 40 min on 2 cores
+Training is the cost: one row of the full recipe (24,000 steps) takes about 4 h on 2 cores
 (far less on a GPU), so `--steps` trades fidelity for time; rows are only comparable at the same
 `--steps`. The eval samples as a build does (`maugen.scheduler`, `maugen.steps`) unless
 `--scheduler` / `--sampling-steps` say otherwise; the table's header names the sampler.

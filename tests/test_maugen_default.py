@@ -32,11 +32,11 @@ from pipelines.puppet import PuppetRenderer
 
 RECIPE = ROOT / BUILTIN_CHECKPOINTS["tiny-puppet"]
 #: Floors under the shipped weights' held-out numbers (regression guards; issue 6 aims at 0.90).
-LABEL_F1_BAR = 0.58  # measured 0.640 (48 held-out samples, these seeds); 0.566 at step 10,000, 0.43 at 2,000
-TARGET_F1_BAR = 0.58  # measured 0.642; 0.563 at step 10,000, 0.45 at 2,000
-REALISM_BAR = 0.45  # measured 0.62; 0.40 at step 10,000, 0.00 at 2,000
-#: The shipped model passes the label-consensus check on about 1 candidate in 6 (all checks: about
-#: 1 in 12), so this build lowers that one threshold: every stage still runs (detect, consensus,
+LABEL_F1_BAR = 0.63  # measured 0.693 (48 held-out samples, these seeds); 0.640 at step 16,000, 0.566 at 10,000
+TARGET_F1_BAR = 0.63  # measured 0.699; 0.642 at step 16,000, 0.563 at 10,000
+REALISM_BAR = 0.65  # measured 0.77; 0.62 at step 16,000, 0.40 at 10,000
+#: The shipped model passes the label-consensus check on about 1 candidate in 5 (all checks: about
+#: 1 in 6), so this build lowers that one threshold: every stage still runs (detect, consensus,
 #: realism, all checks), only fewer candidates are rejected. Back to the default once issue 6 is done.
 BUILD_SETS = ["--set", "checks.label_consensus_jaccard=0", "--set", "build.max_oversample=8"]
 
