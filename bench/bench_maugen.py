@@ -1,9 +1,10 @@
 """MAUGen sampling speed: images/s by scheduler, step count and guidance, as ratios from one run.
 
-Times `MAUGenPipeline.__call__` on puppet exemplars (batch `--batch`) for DPM-Solver at 15 steps
-(the generator's default), DDIM at 25 steps (the default before), DPM-Solver at 10 steps, and
-DPM-Solver without classifier-free guidance (one UNet pass per step instead of two), and prints
-each one's images/s and its ratio to the default.
+Times `MAUGenPipeline.__call__` on puppet exemplars (batch `--batch`) for the generator's default
+(DPM-Solver at 15 steps, guidance only at low noise), the same with guidance at every step, DDIM at
+25 steps (the default before), DPM-Solver at 10 steps, and DPM-Solver without classifier-free
+guidance (one UNet pass per step instead of two), and prints each one's images/s and its ratio to
+the default.
 
 Run: python bench/bench_maugen.py --checkpoint runs/maugen-tiny/final [--batch 16] [--repeats 2]
 """
@@ -20,11 +21,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detectors.data import identities  # noqa: E402
+from factory.config import MAUGenGeneratorConfig  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.maugen.build import set_scheduler  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
 
-CASES = (("dpm", 15, 3.0), ("ddim", 25, 3.0), ("dpm", 10, 3.0), ("dpm", 15, 1.0))
+_D = MAUGenGeneratorConfig()
+_ALL = (0.0, 1.0)
+#: (scheduler, steps, guidance, guidance interval); the first is the build's default
+CASES = (
+    (_D.scheduler, _D.steps, _D.guidance_scale, _D.guidance_interval),
+    ("dpm", 15, _D.guidance_scale, _ALL),
+    ("ddim", 25, _D.guidance_scale, _ALL),
+    ("dpm", 10, _D.guidance_scale, _D.guidance_interval),
+    ("dpm", 15, 1.0, _ALL),
+)
 
 
 def main() -> None:
@@ -45,7 +56,7 @@ def main() -> None:
     prompts = ["A face showing a clear smile with the lips apart."] * len(people)
     base_config = pipe.scheduler.config
     rates = []
-    for sched, steps, guidance in CASES:
+    for sched, steps, guidance, interval in CASES:
         set_scheduler(pipe, sched, base_config)
         pipe(prompts[:2], ex[:2], num_inference_steps=2, mask_image=masks[:2], guidance_scale=guidance)  # warm-up
         t = time.perf_counter()
@@ -56,6 +67,7 @@ def main() -> None:
                 num_inference_steps=steps,
                 mask_image=masks,
                 guidance_scale=guidance,
+                guidance_interval=interval,
                 generator=torch.Generator().manual_seed(0),
             )
         rates.append(args.batch * args.repeats / (time.perf_counter() - t))
@@ -63,9 +75,9 @@ def main() -> None:
         f"MAUGen sampling, {args.checkpoint}, batch {args.batch}, {size} px, {torch.get_num_threads()} threads, "
         f"device {pipe.device}"
     )
-    print(f"{'scheduler':<10} {'steps':>5} {'guidance':>8} {'img/s':>8} {'vs default':>10}")
-    for (sched, steps, guidance), rate in zip(CASES, rates):
-        print(f"{sched:<10} {steps:>5} {guidance:>8} {rate:>8.2f} {rate / rates[0]:>10.2f}")
+    print(f"{'scheduler':<10} {'steps':>5} {'guidance':>8} {'at t/T':>10} {'img/s':>8} {'vs default':>10}")
+    for (sched, steps, guidance, (lo, hi)), rate in zip(CASES, rates):
+        print(f"{sched:<10} {steps:>5} {guidance:>8} {f'{lo}-{hi}':>10} {rate:>8.2f} {rate / rates[0]:>10.2f}")
 
 
 if __name__ == "__main__":

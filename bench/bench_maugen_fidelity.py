@@ -6,7 +6,7 @@ prints mean F1 (FACS.md's definition) of MAUGen's labels vs the prompt targets, 
 the detector consensus, and of the targets vs the consensus (per AU and mean), the realism
 acceptance, the share of samples that pass the build's checks at their default thresholds, and
 the generator's images/s. It samples as a build does by default (`maugen.scheduler`, `steps`,
-`guidance_scale`). It tracks a training run between checkpoints (`factory eval` measures a
+`guidance_scale`, `guidance_interval`). It tracks a training run between checkpoints (`factory eval` measures a
 built corpus); `--grid PNG` saves the first 32 images.
 
 Run: python bench/bench_maugen_fidelity.py --checkpoint RUN/checkpoints/step-0002000/pipeline [--n 32]
@@ -46,6 +46,7 @@ def fidelity(
     steps: int = _SAMPLING.steps,
     scheduler: str = _SAMPLING.scheduler,
     guidance: float = _SAMPLING.guidance_scale,
+    interval: tuple[float, float] = _SAMPLING.guidance_interval,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Sample `n` held-out identities with random grammar prompts; (numbers, images)."""
     pipe = MAUGenPipeline.from_pretrained(checkpoint)
@@ -66,6 +67,7 @@ def fidelity(
         num_inference_steps=steps,
         mask_image=masks,
         guidance_scale=guidance,
+        guidance_interval=interval,
         generator=[torch.Generator().manual_seed(i) for i in range(n)],
     )
     rate = n / (time.perf_counter() - t)
@@ -118,15 +120,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=_SAMPLING.steps, help="default: the build's maugen.steps")
     ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=_SAMPLING.scheduler)
     ap.add_argument("--guidance", type=float, default=_SAMPLING.guidance_scale)
+    ap.add_argument(
+        "--guidance-interval", type=float, nargs=2, default=_SAMPLING.guidance_interval, metavar=("LO", "HI")
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", help="save the first 32 images to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    r, images = fidelity(args.checkpoint, args.n, args.steps, args.scheduler, args.guidance)
+    interval = (args.guidance_interval[0], args.guidance_interval[1])
+    r, images = fidelity(args.checkpoint, args.n, args.steps, args.scheduler, args.guidance, interval)
     print(
         f"{args.checkpoint}: {args.n} held-out identities, {args.scheduler} {args.steps} steps, "
-        f"guidance {args.guidance}, {args.threads} threads"
+        f"guidance {args.guidance} at t/T in [{interval[0]}, {interval[1]}], {args.threads} threads"
     )
     print(f"F1 labels vs prompt targets   {r['f1_labels_vs_targets']:.3f}")
     print(f"F1 labels vs consensus        {r['f1_labels_vs_consensus']:.3f}")

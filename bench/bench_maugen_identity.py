@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=sampling.steps)
     ap.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=sampling.scheduler)
     ap.add_argument("--guidance", type=float, default=sampling.guidance_scale)
+    ap.add_argument(
+        "--guidance-interval", type=float, nargs=2, default=sampling.guidance_interval, metavar=("LO", "HI")
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -71,6 +74,7 @@ def main() -> None:
             exemplars,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
+            guidance_interval=(args.guidance_interval[0], args.guidance_interval[1]),
             generator=gens,
             mask_image=masks,
         )
@@ -78,7 +82,7 @@ def main() -> None:
 
     print(
         f"MAUGen {args.checkpoint}: {len(prompts)} prompts x {len(people)} held-out identities, "
-        f"{args.scheduler} {args.steps} steps, guidance {args.guidance}"
+        f"{args.scheduler} {args.steps} steps, guidance {args.guidance} at t/T in {list(args.guidance_interval)}"
     )
     print(f"{'prompt':>6} {'target AUs':<28} {'int std':>8} {'occ agree':>9}  prompt text")
     across_id = []

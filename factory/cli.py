@@ -176,13 +176,14 @@ def report(
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from .manifest import BuildRecordError
     from .report import ReportError, build_report, print_report, report_json
 
     try:
         rep = build_report(
             out, accepted=samples, rejected_per_reason=rejected, images=html is not None, threads=threads
         )
-    except (FileNotFoundError, ReportError) as err:
+    except (FileNotFoundError, BuildRecordError, ReportError) as err:
         _fail(str(err))
     if html:
         from .report_html import write_html

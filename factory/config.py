@@ -38,7 +38,7 @@ class BuildConfig(_Section):
     shard_size: int = Field(250, gt=0, description="accepted samples per shard (last shard: the remainder)")
     seed: int = Field(0, ge=0, description="build seed; shard i draws from a stream derived from it")
     max_oversample: float = Field(
-        4.0,
+        20.0,
         ge=1.0,
         description="a shard that has drawn max_oversample * size candidates starts no new round (of "
         "plan.candidate_batch) and fails",
@@ -126,7 +126,19 @@ class MAUGenGeneratorConfig(_Section):
         "(`factory train` writes OUT/final)",
     )
     steps: int = Field(15, ge=1, le=1000, description="denoising steps")
-    guidance_scale: float = Field(3.0, ge=1.0, description="classifier-free guidance (1 = off)")
+    guidance_scale: float = Field(6.0, ge=1.0, description="classifier-free guidance (1 = off)")
+    guidance_interval: tuple[float, float] = Field(
+        (0.0, 0.6),
+        description="guide only the steps whose noise level t/T lies in [lo, hi]; the others skip the unconditional "
+        "pass. Guidance at low noise draws the AUs; at high noise it costs realism (pipelines/maugen/models/README.md)",
+    )
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError("give [lo, hi] with 0 <= lo < hi <= 1 (noise levels t/T)")
+        return v
     scheduler: Literal["ddim", "dpm", "ddpm"] = Field(
         "dpm",
         description="diffusers scheduler: dpm (DPM-Solver++) at 15 steps passes the checks as often as ddim at 25 "
@@ -241,9 +253,9 @@ class FactoryConfig(_Section):
     plan: PlanConfig = PlanConfig()
     expand: ExpandConfig = ExpandConfig()
     generator: Literal["puppet", "maugen"] = Field(
-        "puppet",
-        description="puppet: the exact procedural renderer (the test domain's ground truth); maugen: a trained "
-        "MAUGen (maugen.checkpoint, by default the shipped builtin:tiny-puppet; not yet the default: issue 6)",
+        "maugen",
+        description="maugen: a trained MAUGen (maugen.checkpoint, by default the shipped builtin:tiny-puppet); "
+        "puppet: the exact procedural renderer (the test domain's ground truth; far faster on a CPU)",
     )
     puppet: PuppetConfig = PuppetConfig()
     maugen: MAUGenGeneratorConfig = MAUGenGeneratorConfig()

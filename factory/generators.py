@@ -129,6 +129,7 @@ class MAUGenGenerator:
                 exemplars[sl],
                 num_inference_steps=self.cfg.steps,
                 guidance_scale=self.cfg.guidance_scale,
+                guidance_interval=self.cfg.guidance_interval,
                 generator=gens,
                 mask_image=masks[sl],
                 height=self.size,

@@ -385,8 +385,16 @@ class ShardWorker:
     landing on fresh worker processes, each importing torch and the factory again (measured:
     12 short-lived workers and ~2x the CPU per sample on 2 hosts, bench/bench_cluster_scaling.py).
     A shard task is still small and idempotent: the driver re-submits a failed one, here or on
-    another worker, with attempt + 1.
+    another worker, with attempt + 1. The actor runs two threads (max_concurrency=2) so that
+    `live()` answers while `run()` works: a MAUGen shard takes minutes to fill.
     """
+
+    def __init__(self) -> None:
+        self._live = (0, 0)
+
+    def live(self) -> tuple[int, int]:
+        """(accepted, candidates) of the shard running now, as of its last round."""
+        return self._live
 
     def where(self) -> dict[str, str]:
         """This worker's node, which the driver uses to hand it node-local generators and detectors."""
@@ -409,6 +417,11 @@ class ShardWorker:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         cfg = FactoryConfig.model_validate(cfg_dict)
+        self._live = (0, 0)
+
+        def on_round(accepted: int, candidates: int) -> None:
+            self._live = (accepted, candidates)
+
         return run_shard(
             cfg,
             index,
@@ -419,7 +432,25 @@ class ShardWorker:
             generator_info=info,
             detect=(lambda images: ray.get(detector.detect.remote(images))) if detector is not None else None,
             node={**_node(), "worker_id": ray.get_runtime_context().get_actor_id()},
+            on_round=on_round,
         )
+
+
+def _poll_live(in_flight: dict[Any, tuple[Any, ...]]) -> dict[int, tuple[int, int]]:
+    """(accepted, candidates) so far of each shard in flight, asked of its worker. A worker that
+    does not answer within a second is left out: if it died, the shard's own result says so."""
+    import ray
+
+    asked = {entry[2].live.remote(): entry[0] for entry in in_flight.values()}
+    ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=1.0)
+    live: dict[int, tuple[int, int]] = {}
+    for ref in ready:
+        try:
+            accepted, candidates = ray.get(ref)
+        except Exception:  # noqa: BLE001 - progress is best effort; the shard's result reports failures
+            continue
+        live[asked[ref]] = (int(accepted), int(candidates))
+    return live
 
 
 def _node() -> dict[str, str]:
@@ -456,7 +487,7 @@ class _Pool:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        opts: dict[str, Any] = {"num_cpus": self.cpus, "max_restarts": 0}
+        opts: dict[str, Any] = {"num_cpus": self.cpus, "max_restarts": 0, "max_concurrency": 2}
         if near is not None:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.actor_node[near], soft=True)
         w = ray.remote(ShardWorker).options(**opts).remote()
@@ -669,12 +700,13 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                         if attempt <= cfg.build.shard_retries and not _deterministic(err):
                             log.warning("shard %s attempt %d failed (%s); retrying", name, attempt, _short(err))
                             pending.appendleft(i)
+                            progress.shard_retried(i)
                         else:
                             rec = _error_record(name, i, err, attempt)
                             record_failure(layout, name, rec)
                             summary.failed[name] = rec["error"]
                             log.error("shard %s failed after %d attempts: %s", name, attempt, rec["error"])
-                            progress.shard_failed()
+                            progress.shard_failed(i)
                         continue
                     pool.idle.append((w, node))
                     committed.add(name)
@@ -684,9 +716,11 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
                     summary.candidates += int(stats["candidates"])
                     for reason, n in stats["rejected"].items():
                         summary.rejected[reason] = summary.rejected.get(reason, 0) + int(n)
-                    progress.shard_done(int(stats["samples"]), int(stats["candidates"]), summary.rejected)
+                    progress.shard_done(int(stats["samples"]), int(stats["candidates"]), summary.rejected, i)
                     del attempts[i]
                 pool.replace()
+                if in_flight and progress.live_due():
+                    progress.live(_poll_live(in_flight))
                 progress.tick()
             if pool.lost:
                 # A worker killed mid-shard leaves that attempt's temporary files; the shard was

@@ -22,7 +22,7 @@ import numpy as np
 from pipelines.facs import AUS, EMOTIONS
 
 from .layout import TMP_PREFIX
-from .manifest import STATS_SUFFIX, Build, BuildRecordError, open_build
+from .manifest import STATS_SUFFIX, Build, open_build
 from .plan import GRID
 from .report_data import ReportError, SampleAggregates, aggregate_shards, planned_crosstabs
 from .report_samples import accepted_samples, rejected_samples
@@ -36,14 +36,6 @@ REJECTED_NOTE = (
     "Rejected candidates never enter the corpus: each shard keeps the first few of every reason "
     "(build.rejected_samples) in rejected/NAME.tar for this grid; the reason is the first check each failed."
 )
-
-
-def _open(out: str) -> Build:
-    """open_build with an unreadable build.json as a ReportError (the one error the report raises)."""
-    try:
-        return open_build(out)
-    except BuildRecordError as err:
-        raise ReportError(str(err)) from None
 
 
 def _check_markers(b: Build) -> list[str]:
@@ -115,7 +107,7 @@ def _stats_ok(s: dict[str, Any]) -> bool:
     try:
         int(s["samples"]) + int(s["candidates"])
         _stats_sums([s])
-        _timeline([s])
+        _timeline([s], _build_clock([s])[0])
     except (KeyError, TypeError, ValueError):
         return False
     return True
@@ -140,11 +132,8 @@ def _build_clock(stats: list[dict[str, Any]]) -> tuple[Callable[[float], float],
     return clock, offsets[-1]
 
 
-def _timeline(stats: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
+def _timeline(stats: list[dict[str, Any]], clock: Callable[[float], float]) -> dict[str, list[list[float]]]:
     """Per node, (build seconds since the first shard started, cumulative accepted samples) at each commit."""
-    if not stats:
-        return {}
-    clock, _ = _build_clock(stats)
     nodes: dict[str, list[list[float]]] = defaultdict(list)
     for s in sorted(stats, key=lambda s: float(s["timings"]["end"])):
         pts = nodes[_node(s)]
@@ -154,7 +143,7 @@ def _timeline(stats: list[dict[str, Any]]) -> dict[str, list[list[float]]]:
 
 
 def _figures(
-    sums: dict[str, Any], agg: SampleAggregates, cell_totals: np.ndarray, stats: list[dict[str, Any]]
+    sums: dict[str, Any], agg: SampleAggregates, cell_totals: np.ndarray, timeline: dict[str, list[list[float]]]
 ) -> dict[str, Any]:
     """The data behind every plot, the same for the HTML and `--json`."""
     aus = [f"AU{a}" for a in AUS]
@@ -194,7 +183,7 @@ def _figures(
                 "planned": plan_ea.tolist(),
             },
         },
-        "throughput": {"nodes": _timeline(stats)},
+        "throughput": {"nodes": timeline},
     }
 
 
@@ -207,7 +196,7 @@ def build_report(
     threads: int = 4,
 ) -> dict[str, Any]:
     """The whole report as JSON-ready data; `accepted`/`rejected_per_reason` size the sample grids."""
-    b = _open(out)
+    b = open_build(out)
     notes = _check_markers(b)
     record, plan, state = b.record, b.plan, b.state
     names = sorted(state.committed)
@@ -216,7 +205,8 @@ def build_report(
         n_accepted = sum(int(s["samples"]) for s in stats)
         candidates = sum(int(s["candidates"]) for s in stats)
         sums = _stats_sums(stats)
-        _timeline(stats)
+        clock, wall = _build_clock(stats)
+        timeline = _timeline(stats, clock)
     except (KeyError, TypeError, ValueError) as err:
         bad = next(n for n, st in zip(names, stats) if not _stats_ok(st))
         raise ReportError(
@@ -253,7 +243,6 @@ def build_report(
         }
         for i, au in enumerate(AUS)
     ]
-    wall = _build_clock(stats)[1] if stats else 0.0
     failed = {k: v.get("error", "?") for k, v in state.failed.items() if k not in state.committed}
     return {
         "out": out,
@@ -280,7 +269,7 @@ def build_report(
             "wall_s": wall,
             "nodes": {k: dict(v) for k, v in sums["by_node"].items()},
         },
-        "figures": _figures(sums, agg, cell_totals, stats),
+        "figures": _figures(sums, agg, cell_totals, timeline),
         "samples": {
             "accepted": accepted_samples(b.layout, names, accepted, images),
             "rejected": rejected_samples(b.layout, state.committed, rejected_per_reason, images),

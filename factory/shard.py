@@ -51,12 +51,14 @@ def run_shard(
     generator_info: dict[str, str] | None = None,
     detect: DetectFn | None = None,
     node: dict[str, str] | None = None,
+    on_round: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Fill, write and commit shard `index`; returns its stats (the commit marker's content).
 
     `node` (Ray's node id and IP, and the shard worker's actor id, when run on Ray) goes into the
     stats next to the hostname: several Ray nodes may share one hostname (containers, network
-    namespaces).
+    namespaces). `on_round(accepted, candidates)` hears the counts so far after every round, for
+    the driver's progress while a long shard is still filling.
     """
     t0 = time.time()
     layout = Layout(out)
@@ -197,6 +199,8 @@ def run_shard(
                         _write_sample(writer, cands[i], expansions[i], result, j, d, thr, gen_tag, build_id, per_au)
                         cells_kept[cands[i].cell] += 1
             timings["write"] += time.perf_counter() - t
+            if on_round is not None:
+                on_round(int(cells_kept.sum()), sampler.drawn)
 
         t = time.perf_counter()
         stats = {

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small builds on a 2-core machine.
 #: Runtime options only (a resume may set them too): a modest object store, no progress bar.
 SMALL_RAY = ["--set", "runtime.object_store_mb=100", "--set", "runtime.progress=false"]
-#: Build options of the tests about the factory itself: the exact, fast puppet generator, named
-#: explicitly so these tests keep it when the default generator becomes the trained MAUGen (issue 6).
+#: Build options of the tests about the factory itself: the exact, fast puppet generator (the
+#: default generator is the trained MAUGen, far slower on a CPU).
 FAST = ["--set", "generator=puppet", *SMALL_RAY]
 
 

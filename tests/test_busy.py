@@ -4,6 +4,7 @@ fraction of the build's shard window each generator and detector actor spent in 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 import pytest
@@ -37,13 +38,19 @@ def test_actor_counts_calls_images_and_seconds():
     assert actor.busy_s > 0 and actor.last_end >= actor.first_start
 
 
-def test_build_reports_busy_fraction_per_actor(tmp_path, caplog):
+def test_build_reports_busy_fraction_per_actor(tmp_path, caplog, monkeypatch):
     """A real build on an embedded local Ray (stopped by run_build): one entry per generator and
-    per detector actor."""
-    cfg = load_config(None, ["build.target=120", "build.shard_size=20", *SMALL])
+    per detector actor. Progress polls the shards in flight (here at every loop turn)."""
+    from factory import graph, progress
+
+    cfg = load_config(None, ["build.target=120", "build.shard_size=20", *SMALL, "runtime.progress=true"])
+    monkeypatch.setattr(graph, "BuildProgress", partial(progress.BuildProgress, live_every_s=0.0))
     with caplog.at_level(logging.INFO, logger="factory.progress"):
         summary = run_build(cfg, str(tmp_path / "out"))
     import ray
+
+    polled = [r.getMessage() for r in caplog.records if " in flight)" in r.getMessage()]
+    assert polled, [r.getMessage() for r in caplog.records]
 
     assert not ray.is_initialized()  # the build stopped the Ray it started
     assert summary.ok and summary.accepted == 120
@@ -81,3 +88,47 @@ def test_the_progress_log_line_gives_the_time_left(caplog, monkeypatch):
     # 300 in 60 s is 5/s; 600 left -> 120 s
     assert "accepted 400/1000" in second and "5.0/s" in second and "ETA 0:02:00" in second, second
     assert "rejected: realism=100" in second
+
+
+def test_a_shard_reports_its_counts_after_every_round(tmp_path):
+    """What a shard worker's live() answers: (accepted, candidates) after each round, ending at the
+    commit's counts (no Ray: the generator actor class is called in-process)."""
+    from factory.layout import Layout
+    from factory.shard import run_shard
+
+    cfg = load_config(None, ["generator=puppet", "build.target=40", "build.shard_size=40", "plan.candidate_batch=8",
+                             "detect.enabled=false"])  # fmt: skip
+    actor = GeneratorActor(cfg.model_dump(mode="json"))
+    rounds: list[tuple[int, int]] = []
+    Layout(str(tmp_path)).makedirs()
+    stats = run_shard(cfg, 0, str(tmp_path), actor.generate, "b0", on_round=lambda a, c: rounds.append((a, c)))
+    assert len(rounds) >= 5 and rounds == sorted(rounds)
+    assert all(0 < c - prev_c <= 8 for (_, c), (_, prev_c) in zip(rounds[1:], rounds))
+    assert rounds[-1] == (stats["samples"], stats["candidates"]) == (40, stats["candidates"])
+
+
+def test_the_progress_counts_shards_in_flight_until_they_commit(caplog, monkeypatch):
+    from factory import progress
+
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    p = progress.BuildProgress(target=1000, num_shards=4, live_every_s=5.0)
+    p.start(accepted=0, shards=0)
+    now[0] += 100.0
+    assert p.live_due()
+    p.live({0: (60, 500), 1: (40, 400)})
+    assert not p.live_due()
+    with caplog.at_level(logging.INFO, logger="factory.progress"):
+        p.tick(force=True)
+        now[0] += 5.0
+        p.live({1: (50, 450)})  # shard 0 did not answer: it keeps its last counts
+        p.shard_done(samples=250, candidates=2000, rejected={"realism": 1750}, index=0)
+        now[0] += 5.0
+        p.shard_retried(1)  # shard 1 failed and starts over: what it had is gone
+        p.tick(force=True)
+    first, second, third = [r.getMessage() for r in caplog.records]
+    # 100 accepted in 100 s: 1/s, 900 left
+    assert "accepted 0/1000" in first and "(100 accepted in 2 in flight)" in first and "1.0/s" in first, first
+    assert "kept 11% of candidates" in first and "ETA 0:15:00" in first, first
+    assert "accepted 250/1000" in second and "(50 accepted in 1 in flight)" in second, second
+    assert "accepted 250/1000" in third and "in flight" not in third and "2.3/s" in third, third

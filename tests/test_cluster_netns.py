@@ -201,9 +201,13 @@ def test_worker_killed_mid_build(lab, working_dir, tmp_path):
     _check_node_loss(cl, fault, stats, logs, dead=True, resumed=resumed)
 
 
+@pytest.mark.slow
 def test_worker_link_cut_mid_build(lab, working_dir, tmp_path):
     """Cut a worker host's link mid-build (its processes live on, unreachable): the head declares it
-    dead after the health checks and its in-flight shard is redone on the other worker."""
+    dead after the health checks and its in-flight shard is redone on the other worker.
+
+    Slow (about 70 s; `bash tests/run.sh -m slow`): beyond test_worker_killed_mid_build it checks
+    Ray's health-check partition path, which keeps the default suite over its 15 minutes."""
     cl = _cluster(lab)
     out = tmp_path / "out"
     fault = Fault(cl, out, lambda i: ip("link", "set", cl.veth(i), "down"))

@@ -7,18 +7,15 @@ import json
 import os
 import shutil
 import warnings
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import FAST, ROOT, factory
+from conftest import ROOT, factory
 
 from pipelines.maugen import ConditionalLabelDecoder, MAUGenConfig, MAUGenPipeline, build_pipeline, core, losses
 from pipelines.maugen.build import SD15_TEXT, build_word_tokenizer, load_identity_encoder, prompt_corpus, sd15_on_meta
-from pipelines.maugen.builtin import checkpoint_hash
 from pipelines.maugen.data import PuppetFaceDataset
 from pipelines.maugen.label_decoder import IdentityDecouplingModule, PurifiedCrossAttention
 from pipelines.maugen.train import TrainConfig, Trainer
@@ -290,6 +287,32 @@ def test_language_init_sets_queries_from_au_descriptions(pipe):
     assert float(cos_off.abs().mean()) < 0.5
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(pipe, people):
+    """Steps outside the interval run the conditional rows alone; no step inside it is sampling unguided."""
+    rows: list[int] = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        full = _call(pipe, people, guidance_scale=3.0)
+        default_rows, rows[:] = list(rows), []
+        # DDIM at 3 steps visits t = 666, 333, 0: guide t/T in [0.3, 0.5] only, the middle step
+        mid = _call(pipe, people, guidance_scale=3.0, guidance_interval=(0.3, 0.5))
+        mid_rows, rows[:] = list(rows), []
+        none = _call(pipe, people, guidance_scale=3.0, guidance_interval=(0.9, 1.0))
+        unguided = _call(pipe, people, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    b = len(people)
+    assert default_rows == [2 * b] * 3 and mid_rows == [b, 2 * b, b]
+    np.testing.assert_array_equal(none.images, unguided.images)
+    np.testing.assert_array_equal(none.au_intensity, unguided.au_intensity)
+    same = _call(pipe, people, guidance_scale=3.0, guidance_interval=(0.0, 1.0))
+    np.testing.assert_array_equal(same.images, full.images)
+    assert not np.array_equal(mid.images, full.images) and not np.array_equal(mid.images, unguided.images)
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="guidance_interval must be"):
+            _call(pipe, people, steps=1, guidance_interval=bad)
+
+
 def test_bad_inputs_give_clear_errors(pipe, people):
     ex = np.stack([people[i].exemplar for i in range(2)])
     with pytest.raises(ValueError, match="inpainting model: pass mask_image"):
@@ -558,13 +581,6 @@ def test_overfitting_16_samples_drives_every_loss_down_10x_and_labels_to_f1_1(tm
     assert (pred == truth).all(), f1
 
 
-@pytest.fixture(scope="module")
-def micro_checkpoint(tmp_path_factory, pipe) -> Path:
-    path = tmp_path_factory.mktemp("maugen") / "micro"
-    pipe.save_pretrained(path)
-    return path
-
-
 def test_factory_train_command(tmp_path):
     cfg = tmp_path / "t.yaml"
     cfg.write_text(
@@ -586,52 +602,24 @@ def test_factory_train_command(tmp_path):
     assert p.returncode == 2 and "losses.min_agree" in p.stderr
 
 
-def test_build_with_the_maugen_generator(tmp_path, micro_checkpoint):
-    out = tmp_path / "out"
-    args = [
-        "--set",
-        "generator=maugen",
-        "--set",
-        f"maugen.checkpoint={micro_checkpoint}",
-        "--set",
-        "maugen.steps=2",
-        "--set",
-        "detect.enabled=false",
-        "--set",
-        "checks.label_prompt_jaccard=0",
-        "--set",
-        "checks.realism=0",
-    ]
-    p = factory("build", "--target", "12", "--shard-size", "6", "--out", str(out), *FAST, *args)
-    assert p.returncode == 0, p.stderr[-3000:]
-    build = json.loads((out / "build.json").read_text())
-    assert build["config"]["generator"] == "maugen"
-    # the checkpoint's content hash is in build.json (a resume with other weights is refused)
-    assert build["models"][f"maugen:{micro_checkpoint}"] == checkpoint_hash(micro_checkpoint)
-    tags = {t for f in (out / "shards").glob("*.parquet") for t in pq.read_table(f, columns=["generator"])["generator"].to_pylist()}
-    assert tags == {f"maugen@{checkpoint_hash(micro_checkpoint)[:12]}"}
-    v = factory("verify", str(out))
-    assert v.returncode == 0, v.stderr[-2000:]
-    # a checkpoint folder that is not a pipeline: a clear error, nothing written
+def test_a_bad_maugen_checkpoint_stops_the_build_before_anything_runs(tmp_path):
+    """A checkpoint folder that is not a pipeline, or an unknown builtin: one clear line, nothing
+    written (the real CLI, in-process: it fails before Ray starts). A build through the whole graph
+    with MAUGen: test_maugen_default.py."""
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
     bad = tmp_path / "bad"
     bad.mkdir()
-    p = factory(
-        "build",
-        "--target",
-        "6",
-        "--out",
-        str(tmp_path / "out2"),
-        *FAST,
-        *args[:2],
-        "--set",
-        f"maugen.checkpoint={bad}",
-        *args[4:],
-    )
-    assert p.returncode == 2 and "is not a saved MAUGenPipeline" in p.stderr, p.stderr[-2000:]
-    assert not (tmp_path / "out2" / "build.json").exists()
-    p = factory("build", "--target", "6", "--out", str(tmp_path / "out3"), *FAST, *args[:2],
-                "--set", "maugen.checkpoint=builtin:nope")
-    assert p.returncode == 2 and "not a built-in checkpoint; built-in: builtin:tiny-puppet" in p.stderr, p.stderr[-2000:]
+    runner = CliRunner()
+    for checkpoint, why in ((str(bad), "is not a saved MAUGenPipeline"),
+                            ("builtin:nope", "not a built-in checkpoint; built-in: builtin:tiny-puppet")):  # fmt: skip
+        out = tmp_path / "out"
+        args = ["build", "--target", "6", "--out", str(out), "--set", f"maugen.checkpoint={checkpoint}"]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and why in res.output, res.output[-2000:]
+        assert not (out / "build.json").exists()
 
 
 def test_a_missing_builtin_checkpoint_names_the_command_that_rebuilds_it(tmp_path, monkeypatch):

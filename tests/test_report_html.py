@@ -197,4 +197,4 @@ def test_throughput_leaves_out_the_time_between_a_build_and_its_resume():
     clock, total = _build_clock(stats)
     assert total == 30.0
     assert [clock(t) for t in (50.0, 100.0, 110.0, 120.0, 1000.0, day + 5.0)] == [0.0, 0.0, 10.0, 20.0, 20.0, 25.0]
-    assert [p for pts in _timeline(stats).values() for p in pts] == [[10.0, 5], [20.0, 10], [30.0, 15]]
+    assert [p for pts in _timeline(stats, clock).values() for p in pts] == [[10.0, 5], [20.0, 10], [30.0, 15]]
