@@ -207,7 +207,7 @@ def test_worker_link_cut_mid_build(lab, working_dir, tmp_path):
     dead after the health checks and its in-flight shard is redone on the other worker.
 
     Slow (about 70 s; `bash tests/run.sh -m slow`): beyond test_worker_killed_mid_build it checks
-    Ray's health-check partition path, which keeps the default suite over its 15 minutes."""
+    Ray's health-check partition path; the default suite keeps its 15 minutes."""
     cl = _cluster(lab)
     out = tmp_path / "out"
     fault = Fault(cl, out, lambda i: ip("link", "set", cl.veth(i), "down"))
@@ -220,9 +220,12 @@ def test_worker_link_cut_mid_build(lab, working_dir, tmp_path):
     _check_node_loss(cl, fault, stats, logs, dead=False, resumed=resumed)
 
 
+@pytest.mark.slow
 def test_head_killed_then_resume_on_new_cluster(lab, working_dir, tmp_path):
     """SIGKILL the head (GCS, dashboard, the job's driver) mid-build; the old workers go too. A new
-    cluster's `factory resume OUT` completes the same corpus and leaves the committed shards alone."""
+    cluster's `factory resume OUT` completes the same corpus and leaves the committed shards alone.
+
+    Slow (80 s, two clusters; `bash tests/run.sh -m slow`): the default suite keeps its 15 minutes."""
     cl = _cluster(lab)
     out = tmp_path / "out"
     fault = Fault(cl, out, lambda i: cl.kill_host(0))  # strikes the head once a worker is busy
