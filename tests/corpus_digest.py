@@ -1,0 +1,52 @@
+"""A digest of what a build committed: shard and rejected tars byte for byte, parquet rows, stats.
+
+Used by tests/test_corpus_digest.py to show that a refactor changes no byte of a corpus: the
+digest of a fixed small build is checked in (tests/data/corpus_digest.json) and every run of the
+suite rebuilds that corpus and compares. Parquet files are compared by schema and rows, not bytes
+(their footer names the pyarrow version that wrote them); stats markers without the fields that
+name the machine or the clock.
+
+Regenerate after an intended change of what a build writes:
+    MIFA_WRITE_DIGEST=1 bash tests/run.sh tests/test_corpus_digest.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+#: Fields of a stats marker that say where and when, not what.
+VOLATILE = ("timings", "node", "node_ip", "node_id", "worker_id")
+
+#: The build the digest is of: the exact puppet generator with the detectors on and spoiled
+#: samples injected, so that every check rejects something and rejected samples are kept.
+ARGS = ["--target", "90", "--shard-size", "30", "--set", "build.rejected_samples=2"]
+INJECT = "blank:0.04,noise:0.04,wrong_expression:0.08"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest(out: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    files: dict[str, str] = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if not p.is_file() or rel == "build.json" or "/.tmp-" in f"/{rel}" or rel.startswith("cache/"):
+            continue
+        if p.suffix == ".tar":
+            files[rel] = _sha(p.read_bytes())
+        elif p.suffix == ".parquet":
+            t = pq.read_table(p)
+            files[rel] = _sha((str(t.schema) + json.dumps(t.to_pylist(), sort_keys=True)).encode())
+        elif rel.endswith(".stats.json"):
+            stats = {k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE}
+            files[rel] = _sha(json.dumps(stats, sort_keys=True).encode())
+        else:
+            files[rel] = _sha(p.read_bytes())
+    record = json.loads((out / "build.json").read_text())
+    return {"build_id": record["build_id"], "files": files}
