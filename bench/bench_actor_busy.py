@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from factory.config import load_config  # noqa: E402
 from factory.graph import run_build  # noqa: E402
-from factory.stages import REASONS  # noqa: E402
+from factory.checks import REASONS  # noqa: E402
 
 STAGES = ("expand", "generate", "detect", "checks", "write")
 

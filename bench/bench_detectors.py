@@ -22,11 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.identity_net import IdentityNet  # noqa: E402
 from detectors import data  # noqa: E402
 from detectors.au import OnnxAUDetector  # noqa: E402
 from detectors.builtin import BUILTIN_MODELS, resolve  # noqa: E402
 from detectors.identity import OnnxIdentityEncoder  # noqa: E402
-from detectors.models import AUDetectorNet, IdentityNet, RealismNet  # noqa: E402
+from detectors.models import AUDetectorNet, RealismNet  # noqa: E402
 from detectors.panel import DetectorPanel  # noqa: E402
 from detectors.realism import OnnxRealism  # noqa: E402
 from detectors.spec import load_spec  # noqa: E402

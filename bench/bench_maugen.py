@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.data import identities  # noqa: E402
 from factory.config import MAUGenGeneratorConfig  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.maugen.build import set_scheduler  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
+from pipelines.puppet.data import identities  # noqa: E402
 
 _D = MAUGenGeneratorConfig()
 _ALL = (0.0, 1.0)

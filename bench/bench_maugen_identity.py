@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.data import identities  # noqa: E402
+from core.facs import AUS, NUM_AUS  # noqa: E402
 from factory.config import MAUGenGeneratorConfig  # noqa: E402
-from pipelines.facs import AUS, NUM_AUS  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.maugen.build import SCHEDULERS, set_scheduler  # noqa: E402
 from pipelines.prompts import grammar_expand  # noqa: E402
 from pipelines.prompts.targets import random_requests  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
+from pipelines.puppet.data import identities  # noqa: E402
 
 log = logging.getLogger("bench")
 

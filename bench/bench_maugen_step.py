@@ -30,10 +30,11 @@ from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.data import identities  # noqa: E402
+from detectors.builtin import torch_weights  # noqa: E402
 from pipelines.maugen import MAUGenPipeline, core  # noqa: E402
 from pipelines.maugen.build import MAUGenConfig, build_pipeline  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
+from pipelines.puppet.data import identities  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines/maugen/configs/tiny-puppet.yaml"
 
@@ -45,7 +46,8 @@ def _pipeline(args) -> MAUGenPipeline:
     for item in args.set:
         key, _, value = item.partition("=")
         model[key.removeprefix("model.")] = yaml.safe_load(value)
-    return build_pipeline(MAUGenConfig(**model))
+    cfg = MAUGenConfig(**model)
+    return build_pipeline(cfg, torch_weights(cfg.identity_encoder, "identity"))
 
 
 def _best(fn, repeats: int) -> float:

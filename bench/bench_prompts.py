@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.facs import occurrence  # noqa: E402
+from core.facs import occurrence  # noqa: E402
 from pipelines.prompts.grammar import grammar_expand  # noqa: E402
 from pipelines.prompts.parser import parse_description  # noqa: E402
 from pipelines.prompts.targets import random_requests  # noqa: E402

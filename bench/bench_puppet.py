@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.facs import NUM_AUS  # noqa: E402
+from core.facs import NUM_AUS  # noqa: E402
 from pipelines.puppet import PuppetRenderer, sample_identity  # noqa: E402
 
 BUDGET_PER_S = 200.0

@@ -32,13 +32,13 @@ import webdataset as wds
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.facs import AUS
 from factory.config import load_config
-from factory.graph import prepare_output
+from factory.record import prepare_output
 from factory.layout import Layout
 from factory.plan import GRID, Plan
-from factory.stages import REASONS
+from factory.checks import REASONS
 from factory.writer import DETECT_COLUMNS, PARQUET_SCHEMA, au_array, encode_image
-from pipelines.facs import AUS
 
 log = logging.getLogger("bench_report")
 BUDGET_S = 10.0

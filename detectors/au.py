@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX, NUM_AUS
+from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX, NUM_AUS
 
 from .runtime import OnnxModel, sigmoid
 from .spec import LoadedSpec

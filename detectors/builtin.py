@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .spec import SpecError
+from .spec import SpecError, Task, load_spec
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 PREFIX = "builtin:"
@@ -30,3 +30,17 @@ def resolve(ref: str) -> Path:
             )
         return path
     return Path(ref).expanduser()
+
+
+def torch_weights(ref: str, task: Task) -> Path:
+    """The torch weights folder (spec key `torch_weights`) of the `task` model that `ref` names.
+
+    MAUGen takes its identity encoder from here: `build_pipeline(cfg, torch_weights(cfg.identity_encoder, "identity"))`.
+    """
+    spec = load_spec(resolve(ref), task=task)
+    if spec.torch_path is None or not spec.torch_path.is_dir():
+        raise FileNotFoundError(
+            f"{task} model {ref}: its torch weights are needed (spec key torch_weights), "
+            f"found none at {spec.torch_path}"
+        )
+    return spec.torch_path

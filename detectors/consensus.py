@@ -1,6 +1,6 @@
 """k-of-N consensus of AU detectors, per sample and per AU.
 
-No public recipe exists (see FACS.md); ours: for each AU, the detectors that cover it vote
+No public recipe exists; ours (docs/facs.md): for each AU, the detectors that cover it vote
 present/absent. The consensus label is the majority vote, and the AU is *agreed* when at least
 `k` of those detectors cast that vote (a tie is never agreed). Intensity is the median over the
 covering detectors that output intensity. AUs that fewer than `k` detectors cover are never agreed,
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.facs import NUM_AUS
+from core.facs import NUM_AUS
 
 from .au import AUOutput
 

@@ -1,50 +1,22 @@
 """Puppet-domain training and held-out data for the tiny detectors, with disjoint identities.
 
-Identities come from seeded streams: `split="train"` and `split="heldout"` never share a stream,
-so held-out numbers are on people the model never saw. AU targets mix emotion prototypes (what
-the factory asks for) with independent per-AU draws (so a detector cannot read one AU off its
-usual partners), and intensity 1, just under the occurrence threshold, is common on purpose.
+Identities, AU targets and rendering are pipelines/puppet/data.py's (MAUGen's puppet dataset shares
+them); this module draws the detectors' AU and realism sets from them. Training code, so it may import
+pipelines (tests/test_layering.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from pipelines.facs import INTENSITY_MAX, NUM_AUS
-from pipelines.prompts.targets import random_requests
-from pipelines.puppet import PuppetIdentity, PuppetRenderer
-from pipelines.puppet.identity import AGE_GROUPS, SKIN_TONE_GROUPS, sample_identity
+from pipelines.puppet import PuppetIdentity
+from pipelines.puppet.data import SPLIT_STREAM, Split, au_targets, identities, render
 
 log = logging.getLogger(__name__)
-
-Split = Literal["train", "heldout"]
-_SPLIT_STREAM = {"train": 0x5EED_0001, "heldout": 0x5EED_0002}
-
-
-def identities(n: int, split: Split, seed: int = 0) -> list[PuppetIdentity]:
-    """`n` identities of a split, balanced over skin-tone and age groups."""
-    rng = np.random.default_rng([_SPLIT_STREAM[split], seed])
-    out = []
-    for i in range(n):
-        skin = i % SKIN_TONE_GROUPS
-        age = AGE_GROUPS[(i // SKIN_TONE_GROUPS) % len(AGE_GROUPS)]
-        out.append(sample_identity(rng, skin_group=skin, age_group=age))
-    return out
-
-
-def au_targets(n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 12) int intensities: half emotion prototypes, half independent AUs (p=0.35 each)."""
-    half = n // 2
-    proto = np.stack([np.asarray(r.intensity) for r in random_requests(half, seed=int(rng.integers(2**31)))])
-    indep = np.where(rng.random((n - half, NUM_AUS)) < 0.35, rng.integers(1, INTENSITY_MAX + 1, (n - half, NUM_AUS)), 0)
-    out = np.concatenate([proto.reshape(half, NUM_AUS), indep]).astype(np.int64)
-    return out[rng.permutation(n)]
 
 
 @dataclass
@@ -55,28 +27,10 @@ class PuppetSet:
     people: list[PuppetIdentity]
 
 
-def _render_chunk(args: tuple[int, int, list[PuppetIdentity], np.ndarray]) -> np.ndarray:
-    size, supersample, people, ints = args
-    return PuppetRenderer(size=size, supersample=supersample).render_batch(people, ints)
-
-
-def render(
-    people: list[PuppetIdentity], intensity: np.ndarray, size: int = 64, supersample: int = 4, workers: int = 2
-) -> np.ndarray:
-    """Render (identity, intensity) rows, in `workers` processes (the renderer is pure Python + PIL)."""
-    n = len(people)
-    if workers <= 1 or n < 512:
-        return _render_chunk((size, supersample, people, intensity))
-    bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
-    jobs = [(size, supersample, people[a:b], intensity[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
-    with ProcessPoolExecutor(workers) as pool:
-        return np.concatenate(list(pool.map(_render_chunk, jobs)))
-
-
 def au_set(n: int, num_people: int, split: Split, seed: int = 0, size: int = 64, workers: int = 2) -> PuppetSet:
     """`n` renders of `num_people` identities of `split` with random AU targets."""
     people = identities(num_people, split, seed)
-    rng = np.random.default_rng([_SPLIT_STREAM[split], seed, 1])
+    rng = np.random.default_rng([SPLIT_STREAM[split], seed, 1])
     who = rng.integers(0, num_people, n)
     ints = au_targets(n, rng)
     images = render([people[i] for i in who], ints, size=size, workers=workers)
@@ -173,7 +127,7 @@ def realism_set(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images, label 1 real / 0 negative, kind index or -1): half clean renders, half negatives."""
     base = au_set(n, num_people, split, seed + 100, size=size, workers=workers)
-    rng = np.random.default_rng([_SPLIT_STREAM[split], seed, 2])
+    rng = np.random.default_rng([SPLIT_STREAM[split], seed, 2])
     labels = np.ones(n, dtype=np.int64)
     kinds = np.full(n, -1, dtype=np.int64)
     images = base.images.copy()

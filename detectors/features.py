@@ -1,7 +1,7 @@
 """Named feature networks for Frechet distances between image sets (FID-style).
 
 A Frechet distance is only comparable between runs that use the same feature network and
-pre-processing (FACS.md), so each network here has a fixed name that reports carry. No Inception
+pre-processing (docs/facs.md), so each network here has a fixed name that reports carry. No Inception
 weights can be downloaded here; the embedded networks are our own puppet-domain models:
 
     puppet-realism-gap   the realism discriminator's conv backbone (torch weights of

@@ -1,4 +1,4 @@
-"""AU metrics computed the way the AU literature computes them (FACS.md), so our numbers compare with papers'.
+"""AU metrics computed the way the AU literature computes them (docs/facs.md), so our numbers compare with papers'.
 
 - F1 per AU: occurrence over all samples pooled (not per video), then the unweighted mean over AUs.
 - ICC(3,1) per AU: two-way mixed, consistency, single rater (Shrout & Fleiss 1979), the raters being
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from pipelines.facs import AUS, NUM_AUS, jaccard
+from core.facs import AUS, NUM_AUS, jaccard
 
 __all__ = [
     "AU_KEYS",
@@ -92,7 +92,7 @@ def _occurrence(name: str, x: np.ndarray) -> np.ndarray:
     if x.size and (x.min() < 0.0 or x.max() > 1.0):
         raise ValueError(
             f"{name} must be booleans or probabilities in [0, 1], got values in [{x.min()}, {x.max()}]; "
-            "threshold intensities first (e.g. pipelines.facs.occurrence)"
+            "threshold intensities first (e.g. core.facs.occurrence)"
         )
     return x >= PROBABILITY_THRESHOLD
 
@@ -202,10 +202,10 @@ def mae_per_au(reference: npt.ArrayLike, prediction: npt.ArrayLike) -> PerAU:
 
 
 def jaccard_rows(a_bool: npt.ArrayLike, b_bool: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> np.ndarray:
-    """Jaccard |A and B| / |A or B| of each row's AU sets, (n,); `pipelines.facs.jaccard` vectorised.
+    """Jaccard |A and B| / |A or B| of each row's AU sets, (n,); `core.facs.jaccard` vectorised.
 
     `mask` (bool, (12,) or (n, 12)) restricts both sets to the masked AUs, e.g. those a detector covers.
-    Two empty sets count as 1.0 (they agree), as in FACS.md.
+    Two empty sets count as 1.0 (they agree), as in docs/facs.md.
     """
     x = _binary("a_bool", _matrix("a_bool", a_bool, min_rows=0))
     y = _binary("b_bool", _matrix("b_bool", b_bool, min_rows=0))

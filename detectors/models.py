@@ -1,4 +1,5 @@
-"""The torch side of the tiny puppet-domain models: AU detectors, realism discriminator, identity encoder.
+"""The torch side of the tiny puppet-domain models: AU detectors, realism discriminator, identity encoder
+(its architecture, `IdentityNet`, lives in core/identity_net.py, since MAUGen carries it too).
 
 They are diffusers-style `ModelMixin, ConfigMixin` models, so `save_pretrained` / `from_pretrained`
 round-trip them from a local folder. What runs inside the factory is their ONNX export (see
@@ -21,23 +22,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from pipelines.facs import INTENSITY_MAX, NUM_AUS
+from core.facs import INTENSITY_MAX, NUM_AUS
+# IdentityNet is defined in core; re-exported here so old checkpoints naming ["detectors.models", "IdentityNet"] load
+from core.identity_net import IdentityNet, conv_stack  # noqa: F401
 
 AUArch = Literal["cnn", "resnet", "vit"]
 AU_ARCHS: tuple[str, ...] = ("cnn", "resnet", "vit")
-
-
-def _conv_stack(widths: list[int], in_ch: int = 3) -> nn.Sequential:
-    """3x3 conv + BN + ReLU, stride 2 from the second block on (64 px -> 64 / 2**(n-1))."""
-    layers: list[nn.Module] = []
-    for i, w in enumerate(widths):
-        layers += [
-            nn.Conv2d(in_ch, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-            nn.BatchNorm2d(w),
-            nn.ReLU(inplace=True),
-        ]
-        in_ch = w
-    return nn.Sequential(*layers)
 
 
 class AUDetectorNet(ModelMixin, ConfigMixin):
@@ -52,7 +42,7 @@ class AUDetectorNet(ModelMixin, ConfigMixin):
             raise ValueError(f"AU detector arch must be one of {AU_ARCHS}, got {arch!r}")
         if arch == "cnn":
             widths = [width // 2, width, width, 2 * width, 2 * width]
-            self.backbone = _conv_stack(widths)
+            self.backbone = conv_stack(widths)
             side = image_size // 2 ** (len(widths) - 1)
             self.reduce = nn.Sequential(nn.Conv2d(widths[-1], 16, 1), nn.ReLU(inplace=True))
             feat = 16 * side * side
@@ -115,7 +105,7 @@ class RealismNet(ModelMixin, ConfigMixin):
     def __init__(self, image_size: int = 64, width: int = 24):
         super().__init__()
         widths = [width // 2, width, width, 2 * width, 2 * width]
-        self.backbone = _conv_stack(widths)
+        self.backbone = conv_stack(widths)
         side = image_size // 2 ** (len(widths) - 1)
         self.head = nn.Sequential(
             nn.Conv2d(widths[-1], 8, 1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(8 * side * side, 1)
@@ -123,26 +113,6 @@ class RealismNet(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))[:, 0]
-
-
-class IdentityNet(ModelMixin, ConfigMixin):
-    """Image -> L2-normalised identity embedding (B, dim), trained with an ArcFace margin loss."""
-
-    @register_to_config
-    def __init__(self, image_size: int = 64, width: int = 32, dim: int = 64):
-        super().__init__()
-        widths = [width // 2, width, width, 2 * width, 2 * width]
-        self.backbone = _conv_stack(widths)
-        side = image_size // 2 ** (len(widths) - 1)
-        self.head = nn.Sequential(
-            nn.Conv2d(widths[-1], 16, 1),
-            nn.ReLU(inplace=True),
-            nn.Flatten(),
-            nn.Linear(16 * side * side, dim),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(x)), dim=1)
 
 
 class ArcFaceHead(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.facs import DEFAULT_OCCURRENCE_THRESHOLD
+from core.facs import DEFAULT_OCCURRENCE_THRESHOLD
 
 from .au import AUOutput, OnnxAUDetector
 from .builtin import resolve
@@ -76,7 +76,7 @@ class DetectorPanel:
         cov = np.sum([d.covers for d in self.detectors], axis=0)
         never = [i for i, c in enumerate(cov) if c < min_agree]
         if never:
-            from pipelines.facs import AUS
+            from core.facs import AUS
 
             log.warning(
                 "AUs %s are covered by fewer than min_agree=%d detectors: never agreed, never checked",

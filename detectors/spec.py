@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.facs import AUS
+from core.facs import AUS
 
 Task = Literal["au_detector", "realism", "identity"]
 OutputKind = Literal["probability", "logit", "intensity", "embedding"]

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD
+from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD
+from core.identity_net import IdentityNet
 
 from . import data
-from .models import AU_ARCHS, ArcFaceHead, AUDetectorNet, IdentityNet, RealismNet
+from .models import AU_ARCHS, ArcFaceHead, AUDetectorNet, RealismNet
 from .spec import file_sha256
 
 log = logging.getLogger(__name__)
@@ -419,7 +420,7 @@ def evaluate_identity(spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIP
 DEFAULT_MODELS: dict[str, tuple[Kind, str | None, dict[str, Any]]] = {
     "au-cnn": ("au", "cnn", {"epochs": 14}),
     "au-resnet": ("au", "resnet", {"epochs": 14, "upsample": 2}),
-    "au-vit": ("au", "vit", {"epochs": 40, "lr": 1e-3}),  # 24 epochs stopped at held-out F1 0.876
+    "au-vit": ("au", "vit", {"epochs": 40, "lr": 1e-3}),
     "realism": ("realism", None, {"noise": 0.04}),
     "identity": ("identity", None, {"epochs": 8}),
 }

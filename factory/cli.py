@@ -103,7 +103,7 @@ def resume(
     _setup_logging(verbose)
     from .config import RESUMABLE, apply_override, config_from_dict, resumable
     from .layout import Layout
-    from .manifest import BuildRecordError, read_record
+    from .record import BuildRecordError, read_record
 
     layout = Layout(out)
     if not layout.fs.exists(layout.build_json):
@@ -143,7 +143,7 @@ def _run(cfg: FactoryConfig, out: str, new_build: bool) -> None:
 def verify(out: Annotated[str, typer.Argument(help="output to check")]) -> None:
     """Check checksums, counts, key uniqueness and parquet/tar agreement; non-zero exit on a bad shard."""
     _setup_logging(False)
-    from .manifest import BuildRecordError
+    from .record import BuildRecordError
     from .verify import verify as run_verify
 
     try:
@@ -176,7 +176,7 @@ def report(
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from .manifest import BuildRecordError
+    from .record import BuildRecordError
     from .report import ReportError, build_report, print_report, report_json
 
     try:

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.facs import DEFAULT_OCCURRENCE_THRESHOLD, EMOTION_NAMES, INTENSITY_MAX, STRENGTHS
 from pipelines.overrides import OverrideError
 from pipelines.overrides import apply_override as _apply_override
-from pipelines.facs import DEFAULT_OCCURRENCE_THRESHOLD, EMOTION_NAMES, INTENSITY_MAX, STRENGTHS
 from pipelines.prompts.config import ExpandConfig
 from pipelines.puppet.identity import AGE_GROUPS, SKIN_TONE_GROUPS
 

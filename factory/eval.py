@@ -6,7 +6,7 @@ For every committed sample it re-reads the image from the tar and runs the detec
 - consensus vs prompt targets: how well the images show the AU vector the prompt was built from;
 - consensus vs generated labels: how well the generator's own labels describe its images;
   each as F1 per AU (occurrence, intensity >= threshold vs consensus vote), and for intensities
-  ICC(3,1) and MAE per AU (FACS.md defines them; F1, ICC and MAE are symmetric in the two raters);
+  ICC(3,1) and MAE per AU (docs/facs.md defines them; F1, ICC and MAE are symmetric in the two raters);
 - the detectors' agreement rate per AU (how much of the consensus is backed by k of N);
 - the realism score distribution;
 - identity similarity: cosine between the identity encoder's embedding of each image and of its
@@ -28,15 +28,22 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.facs import AUS, NUM_AUS
+from core.facs import AUS, NUM_AUS
 
-from .manifest import open_build
+from .manifest import Build, open_build
+
+if TYPE_CHECKING:
+    from detectors.features import FeatureNetwork
+    from detectors.identity import OnnxIdentityEncoder
+    from detectors.panel import DetectorPanel
+    from pipelines.puppet import PuppetRenderer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,62 @@ def _read_shard(layout: Any, name: str) -> tuple[list[str], np.ndarray, Any]:
     return keys, np.stack([images[k] for k in keys]), table
 
 
+@dataclass
+class _Collected:
+    """Per-shard arrays gathered by `_collect`, kept apart so `evaluate` only reduces them."""
+
+    n: int = 0
+    target: list[np.ndarray] = field(default_factory=list)
+    gen_int: list[np.ndarray] = field(default_factory=list)
+    gen_occ: list[np.ndarray] = field(default_factory=list)
+    c_occ: list[np.ndarray] = field(default_factory=list)
+    c_int: list[np.ndarray] = field(default_factory=list)
+    agree: list[np.ndarray] = field(default_factory=list)
+    real: list[np.ndarray] = field(default_factory=list)
+    id_sim: list[np.ndarray] = field(default_factory=list)
+    feats_gen: list[np.ndarray] = field(default_factory=list)
+    feats_ref: list[np.ndarray] = field(default_factory=list)
+
+
+def _collect(
+    b: Build,
+    panel: DetectorPanel,
+    enc: OnnxIdentityEncoder,
+    renderer: PuppetRenderer,
+    features: FeatureNetwork,
+    max_samples: int | None,
+) -> _Collected:
+    """Read the committed shards in order and run the detectors, encoder and feature network on them."""
+    from detectors.identity import cosine
+    from pipelines.puppet import PuppetIdentity
+
+    neutral = np.zeros(NUM_AUS)
+    c = _Collected()
+    for name in sorted(b.state.committed):
+        if max_samples is not None and c.n >= max_samples:
+            break
+        keys, images, table = _read_shard(b.layout, name)
+        if max_samples is not None:
+            keep = max_samples - c.n
+            keys, images, table = keys[:keep], images[:keep], table.slice(0, keep)
+        c.n += len(keys)
+        det = panel.detect(images)
+        c.target.append(np.array(table.column("target_intensity").to_pylist(), dtype=np.float32))
+        c.gen_int.append(np.array(table.column("intensity").to_pylist(), dtype=np.float32))
+        c.gen_occ.append(np.array(table.column("occurrence").to_pylist(), dtype=bool))
+        c.c_occ.append(det.consensus.occurrence)
+        c.c_int.append(det.consensus.intensity)
+        c.agree.append(det.consensus.agree)
+        if det.realism is not None:
+            c.real.append(det.realism)
+        people = [PuppetIdentity.model_validate_json(s) for s in table.column("identity").to_pylist()]
+        exemplars = renderer.render_batch(people, np.tile(neutral, (len(people), 1)))
+        c.id_sim.append(cosine(enc.embed(images), enc.embed(exemplars)))
+        c.feats_gen.append(features(images))
+        c.feats_ref.append(features(renderer.render_batch(people, c.target[-1])))
+    return c
+
+
 def evaluate(
     out: str,
     au_detectors: list[str] | None = None,
@@ -87,10 +150,10 @@ def evaluate(
     """Measure the corpus in OUT; see the module docstring for what each number means."""
     from detectors.builtin import resolve
     from detectors.features import FeatureNetwork
-    from detectors.identity import OnnxIdentityEncoder, cosine
-    from detectors.metrics import au_report, frechet_distance
+    from detectors.identity import OnnxIdentityEncoder
+    from detectors.metrics import au_report
     from detectors.panel import DetectorPanel
-    from pipelines.puppet import PuppetIdentity, PuppetRenderer
+    from pipelines.puppet import PuppetRenderer
 
     b = open_build(out)
     cfg = b.cfg
@@ -101,46 +164,21 @@ def evaluate(
     panel = DetectorPanel(det_refs, k, realism=real_ref, occurrence_threshold=thr, batch_size=batch_size)
     enc = OnnxIdentityEncoder(str(resolve(identity_encoder or cfg.detect.identity_encoder)), batch_size=batch_size)
     renderer = PuppetRenderer(size=cfg.puppet.image_size, supersample=cfg.puppet.supersample)
-    neutral = np.zeros(NUM_AUS)
     features = FeatureNetwork(feature_network, batch_size=batch_size)
-    feats_gen: list[np.ndarray] = []
-    feats_ref: list[np.ndarray] = []
 
-    target, gen_int, gen_occ, c_occ, c_int, agree, real, id_sim = [], [], [], [], [], [], [], []
-    n = 0
-    for name in sorted(b.state.committed):
-        if max_samples is not None and n >= max_samples:
-            break
-        keys, images, table = _read_shard(b.layout, name)
-        if max_samples is not None:
-            keep = max_samples - n
-            keys, images, table = keys[:keep], images[:keep], table.slice(0, keep)
-        n += len(keys)
-        det = panel.detect(images)
-        target.append(np.array(table.column("target_intensity").to_pylist(), dtype=np.float32))
-        gen_int.append(np.array(table.column("intensity").to_pylist(), dtype=np.float32))
-        gen_occ.append(np.array(table.column("occurrence").to_pylist(), dtype=bool))
-        c_occ.append(det.consensus.occurrence)
-        c_int.append(det.consensus.intensity)
-        agree.append(det.consensus.agree)
-        if det.realism is not None:
-            real.append(det.realism)
-        people = [PuppetIdentity.model_validate_json(s) for s in table.column("identity").to_pylist()]
-        exemplars = renderer.render_batch(people, np.tile(neutral, (len(people), 1)))
-        id_sim.append(cosine(enc.embed(images), enc.embed(exemplars)))
-        feats_gen.append(features(images))
-        feats_ref.append(features(renderer.render_batch(people, target[-1])))
+    c = _collect(b, panel, enc, renderer, features, max_samples)
+    n = c.n
     if n == 0:
         raise FileNotFoundError(f"{out} has no committed shards yet: nothing to evaluate")
 
-    tgt, gi, go = np.concatenate(target), np.concatenate(gen_int), np.concatenate(gen_occ)
-    co, ci, ag = np.concatenate(c_occ), np.concatenate(c_int), np.concatenate(agree)
-    sim = np.concatenate(id_sim)
+    tgt, gi, go = np.concatenate(c.target), np.concatenate(c.gen_int), np.concatenate(c.gen_occ)
+    co, ci, ag = np.concatenate(c.c_occ), np.concatenate(c.c_int), np.concatenate(c.agree)
+    sim = np.concatenate(c.id_sim)
     # F1/ICC/MAE with the consensus as reference rater (as occurrence 0/5 scale it uses `thr`).
     consensus_int = np.where(np.isnan(ci), np.where(co, float(thr), 0.0), ci)
     prompt_rep = au_report(consensus_int, (tgt >= thr).astype(np.float32), tgt, thr, reference_occurrence=co)
     gen_rep = au_report(consensus_int, go.astype(np.float32), gi, thr, reference_occurrence=co)
-    fg, fr = np.concatenate(feats_gen), np.concatenate(feats_ref)
+    fg, fr = np.concatenate(c.feats_gen), np.concatenate(c.feats_ref)
     rep: dict[str, Any] = {
         "out": out,
         "build_id": b.record["build_id"],
@@ -153,41 +191,62 @@ def evaluate(
             "per_au": {f"AU{a}": round(float(ag[:, i].mean()), 4) for i, a in enumerate(AUS)},
             "mean": round(float(ag.mean()), 4),
         },
-        "identity_similarity": {
-            "encoder": enc.describe(),
-            "exemplar": "the sample's identity rendered by the puppet renderer with all AUs at 0",
-            "mean": round(float(sim.mean()), 4),
-            "quantiles": _quantiles(sim),
-            "threshold": enc.verify_threshold,
-            "verified": None if enc.verify_threshold is None else round(float((sim >= enc.verify_threshold).mean()), 4),
-        },
-        "frechet_distance": {
-            "feature_network": features.name,
-            "reference": "puppet renders of each sample's identity and target AU vector",
-            "samples": len(fg),
-            # identical sets give 0 up to sqrtm rounding, which can leave -1e-12
-            "value": round(max(frechet_distance(fg, fr), 0.0), 6) if len(fg) >= 2 else None,
-        },
+        "identity_similarity": _identity_section(enc, sim),
+        "frechet_distance": _frechet_section(features.name, fg, fr),
         "definitions": DEFINITIONS,
     }
-    if real:
-        r = np.concatenate(real)
-        hist, edges = np.histogram(r, bins=10, range=(0.0, 1.0))
-        rep["realism"] = {
-            "mean": round(float(r.mean()), 4),
-            "quantiles": _quantiles(r),
-            "threshold": cfg.checks.realism,
-            "accepted": round(float((r >= cfg.checks.realism).mean()), 4),
-            "histogram": {"edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
-        }
+    if c.real:
+        rep["realism"] = _realism_section(np.concatenate(c.real), cfg.checks.realism)
+    rep["build_filters"] = _build_filters(b.state.committed)
+    return rep
+
+
+def _identity_section(enc: OnnxIdentityEncoder, sim: np.ndarray) -> dict[str, Any]:
+    """The identity-similarity block of the report, from per-sample cosines to the exemplars."""
+    return {
+        "encoder": enc.describe(),
+        "exemplar": "the sample's identity rendered by the puppet renderer with all AUs at 0",
+        "mean": round(float(sim.mean()), 4),
+        "quantiles": _quantiles(sim),
+        "threshold": enc.verify_threshold,
+        "verified": None if enc.verify_threshold is None else round(float((sim >= enc.verify_threshold).mean()), 4),
+    }
+
+
+def _frechet_section(feature_network: str, fg: np.ndarray, fr: np.ndarray) -> dict[str, Any]:
+    """The Frechet-distance block of the report; None where fewer than 2 samples make it undefined."""
+    from detectors.metrics import frechet_distance
+
+    return {
+        "feature_network": feature_network,
+        "reference": "puppet renders of each sample's identity and target AU vector",
+        "samples": len(fg),
+        # identical sets give 0 up to sqrtm rounding, which can leave -1e-12
+        "value": round(max(frechet_distance(fg, fr), 0.0), 6) if len(fg) >= 2 else None,
+    }
+
+
+def _realism_section(r: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The realism block of the report, only present when the panel has a realism discriminator."""
+    hist, edges = np.histogram(r, bins=10, range=(0.0, 1.0))
+    return {
+        "mean": round(float(r.mean()), 4),
+        "quantiles": _quantiles(r),
+        "threshold": threshold,
+        "accepted": round(float((r >= threshold).mean()), 4),
+        "histogram": {"edges": [round(float(e), 2) for e in edges], "counts": hist.tolist()},
+    }
+
+
+def _build_filters(committed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tally the build's own candidates and rejections, to show how much filtering shaped the corpus."""
     rejected: dict[str, int] = {}
     candidates = 0
-    for stats in b.state.committed.values():
+    for stats in committed.values():
         candidates += int(stats.get("candidates", 0))
         for reason, c in stats.get("rejected", {}).items():
             rejected[reason] = rejected.get(reason, 0) + int(c)
-    rep["build_filters"] = {"candidates": candidates, "rejected": rejected}
-    return rep
+    return {"candidates": candidates, "rejected": rejected}
 
 
 def _quantiles(x: np.ndarray) -> dict[str, float]:

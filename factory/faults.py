@@ -1,4 +1,4 @@
-"""Fault injection for chaos tests: failing stages, and bad samples the filters must catch.
+"""Fault injection for chaos tests, as wrappers around a shard's stage functions (`wrap`).
 
 MIFA_FAULTS="write:3,generate:7" makes shard 3 fail at its write stage and shard 7 at generate,
 on every attempt. It exercises the real failure path (retries, OUT/failed/, exit code, resume)
@@ -10,15 +10,23 @@ same ones): `blank` makes a flat grey image, `noise` replaces it with pixel nois
 `wrong_expression` swaps in the image of another sample of the batch whose AU set overlaps the
 labels least (Jaccard <= 1/3), keeping the labels. The shard records what it spoiled in its
 stats under `injected`, so tests can check each one was rejected for the right reason.
+
+Neither touches the code under test: `wrap` returns the shard's stages with failing or spoiling
+wrappers put around the ones the environment names; with neither variable set it returns them as
+they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
+
+from core.facs import jaccard
 
 ENV = "MIFA_FAULTS"
 INJECT_ENV = "MIFA_INJECT"
@@ -40,10 +48,40 @@ def parse(spec: str) -> set[tuple[str, int]]:
     return out
 
 
-def check(stage: str, shard: int) -> None:
-    spec = os.environ.get(ENV)
-    if spec and (stage, shard) in parse(spec):
+S = TypeVar("S")
+
+
+def wrap(stages: S, shard: int, injected: dict[str, list[str]]) -> S:
+    """`stages` (a dataclass with one callable per name in STAGES, None for a stage not run) with the
+    faults MIFA_FAULTS names for this shard raising at their stage, and generate spoiling samples as
+    MIFA_INJECT asks; what was spoiled is added to `injected` ({kind: keys})."""
+    spec = os.environ.get(ENV, "")
+    changes: dict[str, Callable[..., Any]] = {}
+    for stage, s in sorted(parse(spec)):
+        fn = getattr(stages, stage)
+        if s == shard and fn is not None:
+            changes[stage] = _failing(stage, shard, spec)
+    inject = os.environ.get(INJECT_ENV)
+    if inject and "generate" not in changes:
+        changes["generate"] = _spoiling(stages.generate, parse_inject(inject), injected)  # type: ignore[attr-defined]
+    return dataclasses.replace(stages, **changes) if changes else stages  # type: ignore[type-var]
+
+
+def _failing(stage: str, shard: int, spec: str) -> Callable[..., Any]:
+    def fail(*args: Any, **kwargs: Any) -> Any:
         raise InjectedFault(f"injected fault at stage {stage} of shard {shard} ({ENV}={spec})")
+
+    return fail
+
+
+def _spoiling(generate: Callable[[Any], Any], rates: dict[str, float], injected: dict[str, list[str]]):
+    def spoiled(batch: Any) -> Any:
+        result = generate(batch)
+        for kind, keys in inject_samples(batch, result, rates).items():
+            injected.setdefault(kind, []).extend(keys)
+        return result
+
+    return spoiled
 
 
 def parse_inject(spec: str) -> dict[str, float]:
@@ -67,14 +105,8 @@ def _u(key: str, kind: str) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def inject_samples(batch: Any, result: Any) -> dict[str, list[str]]:
-    """Spoil samples of `result` in place as MIFA_INJECT asks; returns {kind: keys spoiled}."""
-    spec = os.environ.get(INJECT_ENV)
-    if not spec:
-        return {}
-    rates = parse_inject(spec)
-    from pipelines.facs import jaccard
-
+def inject_samples(batch: Any, result: Any, rates: dict[str, float]) -> dict[str, list[str]]:
+    """Spoil samples of `result` in place at the given rates; returns {kind: keys spoiled}."""
     done: dict[str, list[str]] = {}
     taken: set[int] = set()
     occ = result.occurrence_prob >= 0.5

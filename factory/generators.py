@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pipelines.facs import NUM_AUS
+from core.facs import NUM_AUS
 from pipelines.puppet import PuppetIdentity, PuppetRenderer
 
 from .config import FactoryConfig

@@ -1,4 +1,4 @@
-"""Where a build's files live (DESIGN.md's output layout), through one filesystem layer.
+"""Where a build's files live (docs/design.md, output layout), through one filesystem layer.
 
 Every path goes through fsspec, so OUT may be a local directory or an object store URL such as
 s3://bucket/mifa on a cluster (endpoint and credentials from the standard AWS_* environment).

@@ -15,6 +15,7 @@ from typing import Any
 from .config import FactoryConfig
 from .layout import TMP_PREFIX, Layout
 from .plan import Plan
+from .record import read_record
 
 log = logging.getLogger(__name__)
 
@@ -111,30 +112,6 @@ class Build:
     cfg: FactoryConfig
     plan: Plan
     state: DiskState
-
-
-class BuildRecordError(ValueError):
-    """OUT/build.json does not parse or is not a factory build record."""
-
-
-def read_record(layout: Layout) -> tuple[dict[str, Any], FactoryConfig]:
-    """OUT/build.json and the config in it; a missing one is FileNotFoundError, a bad one BuildRecordError."""
-    if not layout.fs.exists(layout.build_json):
-        raise FileNotFoundError(
-            f"{layout.out} has no build.json: not a factory output (run `factory build --out {layout.out}`)"
-        )
-    try:
-        record = layout.read_json(layout.build_json)
-        cfg = FactoryConfig.model_validate(record["config"])
-        if not isinstance(record["build_id"], str):
-            raise TypeError(f"build_id is {record['build_id']!r}")
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and ValidationError are ValueErrors
-        raise BuildRecordError(
-            f"{layout.build_json} is unreadable or not a factory build record ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else err!r}); restore it from the run that made OUT, or "
-            f"start over with `factory build --out {layout.out} --new-build` and its config"
-        ) from None
-    return record, cfg
 
 
 def open_build(out: str) -> Build:

@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from pipelines.facs import EMOTION_NAMES
+from core.facs import EMOTION_NAMES
 from pipelines.puppet.identity import AGE_GROUPS, SKIN_TONE_GROUPS
 
 from .config import FactoryConfig

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.facs import AUS, EMOTIONS
+from core.facs import AUS, EMOTIONS
 
 from .layout import TMP_PREFIX
 from .manifest import STATS_SUFFIX, Build, open_build
 from .plan import GRID
 from .report_data import ReportError, SampleAggregates, aggregate_shards, planned_crosstabs
 from .report_samples import accepted_samples, rejected_samples
-from .stages import FUNNEL_ORDER, REASONS
+from .checks import FUNNEL_ORDER, REASONS
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,57 @@ def _figures(
     }
 
 
+def _marker_totals(
+    b: Build, out: str, names: list[str], stats: list[dict[str, Any]]
+) -> tuple[int, int, dict[str, Any], float, dict[str, list[list[float]]]]:
+    """Accepted, candidates, sums, build seconds and timeline from the markers, naming the first bad one."""
+    try:
+        n_accepted = sum(int(s["samples"]) for s in stats)
+        candidates = sum(int(s["candidates"]) for s in stats)
+        sums = _stats_sums(stats)
+        clock, wall = _build_clock(stats)
+        timeline = _timeline(stats, clock)
+    except (KeyError, TypeError, ValueError) as err:
+        bad = next(n for n, st in zip(names, stats) if not _stats_ok(st))
+        raise ReportError(
+            f"{b.layout.stats(bad)} lacks a field the report needs ({err!r}); it was not written by this "
+            f"factory's shard runner: delete it and run `factory resume {out}` to redo shard {bad}"
+        ) from None
+    return n_accepted, candidates, sums, wall, timeline
+
+
+def _add_planned_balance(
+    balance: dict[str, dict[str, dict[str, int]]], cell_totals: np.ndarray
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Fill in each group's planned count over the whole corpus (not only what is committed so far)."""
+    cells = np.arange(GRID.size)
+    for dim, keyf, groups in (
+        ("emotions", GRID.emotion_of, GRID.emotions),
+        ("skin_groups", GRID.skin_of, range(GRID.skin_groups)),
+        ("age_groups", GRID.age_of, GRID.age_groups),
+    ):
+        d = balance.setdefault(dim, {})
+        keys = keyf(cells)
+        for i, name in enumerate(groups):
+            d.setdefault(str(name), {"accepted": 0, "planned": 0})["planned"] = int(cell_totals[keys == i].sum())
+    return balance
+
+
+def _au_means(per_au: dict[str, np.ndarray], n_accepted: int) -> list[dict[str, Any]]:
+    """Per-AU planned vs labelled occurrence rates and mean intensities over the accepted samples."""
+    n = max(n_accepted, 1)
+    return [
+        {
+            "au": au,
+            "target_occurrence": per_au["target_occ"][i] / n,
+            "occurrence": per_au["occ"][i] / n,
+            "target_mean_intensity": per_au["target_int"][i] / n,
+            "mean_intensity": per_au["int"][i] / n,
+        }
+        for i, au in enumerate(AUS)
+    ]
+
+
 def build_report(
     out: str,
     *,
@@ -201,48 +252,15 @@ def build_report(
     record, plan, state = b.record, b.plan, b.state
     names = sorted(state.committed)
     stats = [state.committed[k] for k in names]
-    try:
-        n_accepted = sum(int(s["samples"]) for s in stats)
-        candidates = sum(int(s["candidates"]) for s in stats)
-        sums = _stats_sums(stats)
-        clock, wall = _build_clock(stats)
-        timeline = _timeline(stats, clock)
-    except (KeyError, TypeError, ValueError) as err:
-        bad = next(n for n, st in zip(names, stats) if not _stats_ok(st))
-        raise ReportError(
-            f"{b.layout.stats(bad)} lacks a field the report needs ({err!r}); it was not written by this "
-            f"factory's shard runner: delete it and run `factory resume {out}` to redo shard {bad}"
-        ) from None
+    n_accepted, candidates, sums, wall, timeline = _marker_totals(b, out, names, stats)
     agg = aggregate_shards(b.layout, names, b.cfg.labels.occurrence_threshold, threads=threads)
     if agg.rows != n_accepted:
         notes.append(f"parquets hold {agg.rows} rows but the markers count {n_accepted}; run `factory verify {out}`")
 
     # The plan's balance over the whole corpus (not only what is committed so far).
     cell_totals = plan.totals()
-    balance = sums["balance"]
-    cells = np.arange(GRID.size)
-    for dim, keyf, groups in (
-        ("emotions", GRID.emotion_of, GRID.emotions),
-        ("skin_groups", GRID.skin_of, range(GRID.skin_groups)),
-        ("age_groups", GRID.age_of, GRID.age_groups),
-    ):
-        d = balance.setdefault(dim, {})
-        keys = keyf(cells)
-        for i, name in enumerate(groups):
-            d.setdefault(str(name), {"accepted": 0, "planned": 0})["planned"] = int(cell_totals[keys == i].sum())
-
-    per_au = sums["per_au"]
-    n = max(n_accepted, 1)
-    aus = [
-        {
-            "au": au,
-            "target_occurrence": per_au["target_occ"][i] / n,
-            "occurrence": per_au["occ"][i] / n,
-            "target_mean_intensity": per_au["target_int"][i] / n,
-            "mean_intensity": per_au["int"][i] / n,
-        }
-        for i, au in enumerate(AUS)
-    ]
+    balance = _add_planned_balance(sums["balance"], cell_totals)
+    aus = _au_means(sums["per_au"], n_accepted)
     failed = {k: v.get("error", "?") for k, v in state.failed.items() if k not in state.committed}
     return {
         "out": out,

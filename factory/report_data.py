@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.facs import AUS, INTENSITY_MAX
+from core.facs import AUS, INTENSITY_MAX
 
 from .layout import Layout
 from .plan import GRID

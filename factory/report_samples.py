@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.facs import AUS
+from core.facs import AUS
 
 from .layout import Layout
 

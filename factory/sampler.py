@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.facs import AUS, EMOTIONS, NUM_AUS, STRENGTHS, au_index
+from core.facs import AUS, EMOTIONS, NUM_AUS, STRENGTHS, au_index
 from pipelines.puppet.identity import PuppetIdentity, sample_identity
 
 from .config import FactoryConfig
@@ -29,8 +29,8 @@ class QuotaExhaustedError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """One planned sample before expansion and generation (the spec of DESIGN.md)."""
+class CandidateSpec:
+    """One planned sample before expansion and generation: who, which emotion, which target AUs (factory/candidate.py carries the rest)."""
 
     key: str
     shard: int
@@ -66,7 +66,7 @@ def sample_target(rng: np.random.Generator, emotion: str, strength: int, extra_a
             elif u < extra_au_rate + 0.05:
                 v[i] = 1
     if emotion == "contempt":
-        v[_I12] = 2  # unilateral AU12+14 approximated by a weak AU12 (FACS.md)
+        v[_I12] = 2  # unilateral AU12+14 approximated by a weak AU12 (docs/facs.md)
     if v[_I26] >= 2 and v[_I25] < 2:
         v[_I25] = max(2, int(v[_I26]) - 1)
     return v
@@ -130,7 +130,7 @@ class ShardSampler:
             counts[order[:short]] += 1
         return np.repeat(np.arange(GRID.size), counts)
 
-    def draw(self) -> list[Candidate]:
+    def draw(self) -> list[CandidateSpec]:
         cells = self.allocate()
         out = []
         for cell in cells:
@@ -138,7 +138,7 @@ class ShardSampler:
             self.drawn += 1
         return out
 
-    def _candidate(self, index: int, cell: int) -> Candidate:
+    def _candidate(self, index: int, cell: int) -> CandidateSpec:
         seed = derive_seed(self.spec.seed, index)
         rng = np.random.default_rng(seed)
         c = GRID.cell(cell)
@@ -149,9 +149,9 @@ class ShardSampler:
             intensity = sample_target(rng, c.emotion, strength, self.cfg.plan.extra_au_rate)
         identity = sample_identity(rng, skin_group=c.skin_group, age_group=c.age_group)
         key = f"{self.spec.name}-{index:07d}"
-        return Candidate(key, self.spec.index, index, seed, cell, c.emotion, strength, intensity, identity)
+        return CandidateSpec(key, self.spec.index, index, seed, cell, c.emotion, strength, intensity, identity)
 
-    def record(self, candidates: list[Candidate], passed: np.ndarray) -> np.ndarray:
+    def record(self, candidates: list[CandidateSpec], passed: np.ndarray) -> np.ndarray:
         """Account one round; returns which candidates are kept (passed and within quota)."""
         keep = np.zeros(len(candidates), dtype=bool)
         for i, (cand, ok) in enumerate(zip(candidates, passed)):

@@ -1,36 +1,44 @@
-"""One shard from candidates to committed files: expand -> generate -> detect -> checks -> write.
+"""One shard from candidates to committed files: draw -> expand -> generate -> detect -> checks -> write.
 
-This is the body of a small, idempotent Ray task: given the same config and shard index it
-writes the same bytes, so a retry or a resume after a crash simply runs it again.
+This is the body of a small, idempotent shard task: given the same config and shard index it
+writes the same bytes, so a retry or a resume after a crash simply runs it again. Each round
+draws candidate specs from the shard's own seeded stream (factory/sampler.py), carries them as
+Candidate records (factory/candidate.py) through the stage functions (`Stages`; factory/faults.py
+wraps them for chaos tests), judges them with the build's ordered checks (factory/checks.py) and
+writes the kept ones; `ShardLedger` keeps the shard's counts for its stats marker.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.facs import NUM_AUS, jaccard
+from core.facs import NUM_AUS
 from pipelines.prompts import make_expander
 from pipelines.prompts.types import ExpansionRequest
 
 from . import faults
+from .candidate import ACCEPTED, Candidate, SampleDetection
+from .checks import FUNNEL, OVER_QUOTA, REASONS, first_failure
 from .config import FactoryConfig
 from .generators import GenerationBatch, GenerationResult, validate_result
 from .layout import Layout
-from .plan import GRID, Plan
-from .sampler import Candidate, ShardSampler
-from .stages import FUNNEL, REASONS
-from .writer import DETECT_COLUMNS, ShardWriter, au_array
+from .plan import GRID, Plan, ShardSpec
+from .sample_meta import accepted_sample, rejected_sample
+from .sampler import ShardSampler
+from .writer import ShardWriter
 
 if TYPE_CHECKING:
     from detectors.panel import Detection
+    from pipelines.prompts.types import Expansion, ExpandStats
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,17 @@ REJECTED_EXAMPLES = 200
 
 GenerateFn = Callable[[GenerationBatch], GenerationResult]
 DetectFn = Callable[[np.ndarray], "Detection"]
+
+
+@dataclass
+class Stages:
+    """The stage functions of one shard, one per name in faults.STAGES (detect: None when off)."""
+
+    expand: Callable[[list[ExpansionRequest]], tuple[list[Expansion], ExpandStats]]
+    generate: GenerateFn
+    detect: DetectFn | None
+    checks: Callable[[list[Candidate]], None]
+    write: Callable[[list[Candidate]], None]
 
 
 def run_shard(
@@ -61,179 +80,42 @@ def run_shard(
     the driver's progress while a long shard is still filling.
     """
     t0 = time.time()
-    layout = Layout(out)
-    plan = Plan(cfg)
-    spec = plan.shard(index)
-    sampler = ShardSampler(spec, cfg)
-    expander = make_expander(cfg.expand, cache_dir=layout.cache_dir)
-    thr = cfg.labels.occurrence_threshold
-    size = cfg.puppet.image_size
-    generator_info = generator_info or {}
-    gen_tag = f"{generator_info.get('name', cfg.generator)}@{generator_info.get('version', '?')}"
-
     if cfg.detect.enabled and detect is None:
         raise ValueError("detect.enabled is true but no detect stage was given to run_shard")
-    rejected: Counter[str] = Counter()
-    examples: dict[str, list[str]] = {r: [] for r in REASONS}
-    injected_keys: dict[str, list[str]] = {}
-
-    kept: Counter[str] = Counter()
-
-    def reject(
-        reason: str,
-        cand: Candidate,
-        expansion: Any,
-        result: GenerationResult | None = None,
-        j: int = -1,
-        **scores: float,
-    ) -> None:
-        """Count a rejection under its reason; keep its key, and the first few whole, for inspection."""
-        rejected[reason] += 1
-        if len(examples[reason]) < REJECTED_EXAMPLES:
-            examples[reason].append(cand.key)
-        if kept[reason] < cfg.build.rejected_samples:
-            kept[reason] += 1
-            meta, image = _rejected_sample(reason, cand, expansion, result, j, scores, thr, gen_tag, build_id)
-            writer.keep_rejected(cand.key, meta, image)
-
-    timings: Counter[str] = Counter()
-    expand_stats = None
-    per_au = {k: np.zeros(NUM_AUS) for k in ("target_occ", "target_int", "occ", "int")}
-    cells_kept = np.zeros(GRID.size, dtype=np.int64)
+    layout = Layout(out)
+    spec = Plan(cfg).shard(index)
+    sampler = ShardSampler(spec, cfg)
+    expander = make_expander(cfg.expand, cache_dir=layout.cache_dir)
+    info = generator_info or {}
+    gen_tag = f"{info.get('name', cfg.generator)}@{info.get('version', '?')}"
     writer = ShardWriter(layout, spec.name, cfg.build.image_format, cfg.build.jpg_quality)
     try:
+        ledger = ShardLedger(cfg, spec, writer, gen_tag, build_id)
+        stages = faults.wrap(
+            Stages(expander.expand_batch, generate, detect, ledger.judge, ledger.write), index, ledger.injected
+        )
         while not sampler.done:
-            cands = sampler.draw()
-            if not cands:
+            specs = sampler.draw()
+            if not specs:
                 break
-            passed = np.zeros(len(cands), dtype=bool)
-
-            # expand
-            t = time.perf_counter()
-            faults.check("expand", index)
-            reqs = [
-                ExpansionRequest(
-                    emotion=c.emotion, strength=c.strength, intensity=tuple(int(x) for x in c.intensity), seed=c.seed
-                )
-                for c in cands
-            ]
-            expansions, st = expander.expand_batch(reqs)
-            expand_stats = st if expand_stats is None else expand_stats + st
-            timings["expand"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            prompt_ok = np.array([e.jaccard >= cfg.expand.tau for e in expansions])
-            for i in np.flatnonzero(~prompt_ok):
-                reject("prompt_target_jaccard", cands[i], expansions[i], prompt_target_jaccard=expansions[i].jaccard)
-            timings["checks"] += time.perf_counter() - t
-
-            # generate
-            todo = np.flatnonzero(prompt_ok)
-            result = None
-            if len(todo):
-                t = time.perf_counter()
-                faults.check("generate", index)
-                batch = GenerationBatch(
-                    keys=[cands[i].key for i in todo],
-                    seeds=np.array([cands[i].seed for i in todo], dtype=np.int64),
-                    prompts=[expansions[i].text for i in todo],
-                    target=np.stack([cands[i].intensity for i in todo]),
-                    identities=[cands[i].identity for i in todo],
-                )
-                result = generate(batch)
-                for kind, keys in faults.inject_samples(batch, result).items():
-                    injected_keys.setdefault(kind, []).extend(keys)
-                timings["generate"] += time.perf_counter() - t
-
-                valid = validate_result(result, batch, size)
-                for j in np.flatnonzero(~valid):
-                    log.warning("shard %s: %s has a NaN/inf or blank output; rejected", spec.name, batch.keys[j])
-
-                # detect: AU detectors, consensus, realism (on the valid images only)
-                det = None
-                if cfg.detect.enabled and valid.any():
-                    t = time.perf_counter()
-                    faults.check("detect", index)
-                    det = detect(np.ascontiguousarray(result.images[valid]))
-                    timings["detect"] += time.perf_counter() - t
-                det_row = np.cumsum(valid) - 1  # batch position -> row of `det`
-
-                # checks, in REASONS order
-                t = time.perf_counter()
-                faults.check("checks", index)
-                gen_occ = result.occurrence_prob >= 0.5
-                for j, i in enumerate(todo):
-                    cand, exp = cands[i], expansions[i]
-                    if not valid[j]:
-                        reject("invalid_image", cand, exp, result, j)
-                        continue
-                    if det is not None and det.realism is not None and det.realism[det_row[j]] < cfg.checks.realism:
-                        reject("realism", cand, exp, result, j, realism=det.realism[det_row[j]])
-                        continue
-                    prompt_occ = np.asarray(exp.parsed) >= thr
-                    lp = jaccard(prompt_occ, gen_occ[j])
-                    if lp < cfg.checks.label_prompt_jaccard:
-                        reject("label_prompt_jaccard", cand, exp, result, j, label_prompt_jaccard=lp)
-                        continue
-                    if det is not None:
-                        c, r = det.consensus, det_row[j]
-                        lc = label_consensus_jaccard(gen_occ[j], c.occurrence[r], c.agree[r])
-                        if lc < cfg.checks.label_consensus_jaccard:
-                            reject("label_consensus_jaccard", cand, exp, result, j, label_consensus_jaccard=lc)
-                            continue
-                    passed[i] = True
-                timings["checks"] += time.perf_counter() - t
-
-            keep = sampler.record(cands, passed)
-            row_of = {int(i): j for j, i in enumerate(todo)}  # candidate -> row of `result`
-            for i in np.flatnonzero(passed & ~keep):
-                reject("over_quota", cands[i], expansions[i], result, row_of[int(i)])
-
-            # write
-            t = time.perf_counter()
-            faults.check("write", index)
-            if result is not None:
-                for j, i in enumerate(todo):
-                    if keep[i]:
-                        d = (det, int(det_row[j])) if det is not None else None
-                        _write_sample(writer, cands[i], expansions[i], result, j, d, thr, gen_tag, build_id, per_au)
-                        cells_kept[cands[i].cell] += 1
-            timings["write"] += time.perf_counter() - t
+            cands = [Candidate(s) for s in specs]
+            _run_round(cands, stages, cfg, ledger)
+            passed = np.array([c.fate is None for c in cands], dtype=bool)
+            keep = sampler.record(specs, passed)
+            for c, ok, kept in zip(cands, passed, keep):
+                if kept:
+                    c.fate = ACCEPTED
+                elif ok:
+                    c.fate = OVER_QUOTA
+                    ledger.reject(c)
+            with ledger.timed("write"):
+                stages.write([c for c in cands if c.fate == ACCEPTED])
             if on_round is not None:
-                on_round(int(cells_kept.sum()), sampler.drawn)
-
+                on_round(ledger.accepted, sampler.drawn)
         t = time.perf_counter()
-        stats = {
-            "name": spec.name,
-            "index": index,
-            "build_id": build_id,
-            "size": spec.size,
-            "candidates": sampler.drawn,
-            "rejected": {r: int(rejected[r]) for r in REASONS},
-            "rejected_examples": {r: v for r, v in examples.items() if v},
-            "funnel": _funnel(sampler.drawn, rejected, int(sampler.passed.sum()), int(cells_kept.sum())),
-            "per_au": {k: v.tolist() for k, v in per_au.items()},
-            "emotions": _counts(GRID.emotion_of, GRID.emotions, cells_kept),
-            "skin_groups": _counts(GRID.skin_of, range(GRID.skin_groups), cells_kept),
-            "age_groups": _counts(GRID.age_of, GRID.age_groups, cells_kept),
-            "planned": {
-                "emotions": _counts(GRID.emotion_of, GRID.emotions, spec.quotas),
-                "skin_groups": _counts(GRID.skin_of, range(GRID.skin_groups), spec.quotas),
-                "age_groups": _counts(GRID.age_of, GRID.age_groups, spec.quotas),
-            },
-            "expand": expand_stats.model_dump() if expand_stats is not None else {},
-            "generator": gen_tag,
-            "detect": {"enabled": cfg.detect.enabled, "min_agree": cfg.detect.min_agree},
-            "node": socket.gethostname(),
-            **(node or {}),
-            "attempt": attempt,
-        }
-        if injected_keys:
-            stats["injected"] = injected_keys
-        if int(cells_kept.sum()) != spec.size:
-            raise RuntimeError(f"shard {spec.name} kept {int(cells_kept.sum())} samples, planned {spec.size}")
-        timings["write"] += time.perf_counter() - t
-        stats["timings"] = {k: round(v, 4) for k, v in timings.items()} | {
+        stats = ledger.stats(sampler, attempt, node)
+        ledger.timings["write"] += time.perf_counter() - t
+        stats["timings"] = {k: round(v, 4) for k, v in ledger.timings.items()} | {
             "start": round(t0, 3),
             "end": round(time.time(), 3),
         }
@@ -241,6 +123,140 @@ def run_shard(
     except BaseException:
         writer.abort()
         raise
+
+
+def _run_round(cands: list[Candidate], stages: Stages, cfg: FactoryConfig, ledger: ShardLedger) -> None:
+    """Expand, generate and detect one round's candidates and judge them; rejected ones get their fate."""
+    with ledger.timed("expand"):
+        expansions, st = stages.expand([_request(c) for c in cands])
+    ledger.expand_stats = st if ledger.expand_stats is None else ledger.expand_stats + st
+    with ledger.timed("checks"):
+        for c, e in zip(cands, expansions):
+            c.expansion = e
+            if first_failure(c, cfg, after="expand") is not None:
+                ledger.reject(c)
+    todo = [c for c in cands if c.fate is None]
+    if not todo:
+        return
+    with ledger.timed("generate"):
+        batch = GenerationBatch(
+            keys=[c.key for c in todo],
+            seeds=np.array([c.spec.seed for c in todo], dtype=np.int64),
+            prompts=[c.expansion.text for c in todo],
+            target=np.stack([c.spec.intensity for c in todo]),
+            identities=[c.spec.identity for c in todo],
+        )
+        result = stages.generate(batch)
+    valid = validate_result(result, batch, cfg.puppet.image_size)
+    for j, c in enumerate(todo):
+        c.image, c.intensity, c.occurrence_prob = result.images[j], result.intensity[j], result.occurrence_prob[j]
+        c.valid = bool(valid[j])
+        if not c.valid:
+            log.warning("shard %s: %s has a NaN/inf or blank output; rejected", ledger.spec.name, c.key)
+    if cfg.detect.enabled and valid.any():
+        with ledger.timed("detect"):
+            det = stages.detect(np.ascontiguousarray(result.images[valid]))
+        rows = np.cumsum(valid) - 1  # batch position -> row of `det`
+        for j in np.flatnonzero(valid):
+            todo[j].detection = SampleDetection.of(det, int(rows[j]))
+    with ledger.timed("checks"):
+        stages.checks(todo)
+
+
+def _request(c: Candidate) -> ExpansionRequest:
+    s = c.spec
+    return ExpansionRequest(emotion=s.emotion, strength=s.strength, intensity=tuple(int(x) for x in s.intensity), seed=s.seed)
+
+
+class ShardLedger:
+    """A shard's accounts: rejections by reason (and the first few kept whole), what was written, per-AU
+    sums, plan cells filled, stage timings, expander counters and injected spoils; its stats marker."""
+
+    def __init__(self, cfg: FactoryConfig, spec: ShardSpec, writer: ShardWriter, gen_tag: str, build_id: str):
+        self.cfg, self.spec, self.writer, self.gen_tag, self.build_id = cfg, spec, writer, gen_tag, build_id
+        self.thr = cfg.labels.occurrence_threshold
+        self.rejected: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {r: [] for r in REASONS}
+        self.kept_rejected: Counter[str] = Counter()
+        self.timings: Counter[str] = Counter()
+        self.expand_stats: ExpandStats | None = None
+        self.per_au = {k: np.zeros(NUM_AUS) for k in ("target_occ", "target_int", "occ", "int")}
+        self.cells_kept = np.zeros(GRID.size, dtype=np.int64)
+        self.injected: dict[str, list[str]] = {}
+
+    @property
+    def accepted(self) -> int:
+        return int(self.cells_kept.sum())
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] += time.perf_counter() - t
+
+    def reject(self, cand: Candidate) -> None:
+        """Count a rejection under its fate; keep its key, and the first few whole, for inspection."""
+        reason = cand.fate
+        self.rejected[reason] += 1
+        if len(self.examples[reason]) < REJECTED_EXAMPLES:
+            self.examples[reason].append(cand.key)
+        if self.kept_rejected[reason] < self.cfg.build.rejected_samples:
+            self.kept_rejected[reason] += 1
+            meta, image = rejected_sample(cand, self.thr, self.gen_tag, self.build_id)
+            self.writer.keep_rejected(cand.key, meta, image)
+
+    def judge(self, cands: list[Candidate]) -> None:
+        """The checks that need the generated sample, in order; each rejection is counted."""
+        for c in cands:
+            if first_failure(c, self.cfg, after="detect") is not None:
+                self.reject(c)
+
+    def write(self, cands: list[Candidate]) -> None:
+        for c in cands:
+            meta, au, row = accepted_sample(c, self.thr, self.gen_tag, self.build_id)
+            self.writer.write(c.key, c.image, meta, au, row)
+            target = c.spec.intensity.astype(np.int64)
+            self.per_au["target_occ"] += target >= self.thr
+            self.per_au["target_int"] += target
+            self.per_au["occ"] += c.occurrence
+            self.per_au["int"] += c.intensity
+            self.cells_kept[c.spec.cell] += 1
+
+    def stats(self, sampler: ShardSampler, attempt: int, node: dict[str, str] | None) -> dict[str, Any]:
+        """The stats marker's content, less the timings; a shard that kept other than its size is an error."""
+        spec = self.spec
+        stats = {
+            "name": spec.name,
+            "index": spec.index,
+            "build_id": self.build_id,
+            "size": spec.size,
+            "candidates": sampler.drawn,
+            "rejected": {r: int(self.rejected[r]) for r in REASONS},
+            "rejected_examples": {r: v for r, v in self.examples.items() if v},
+            "funnel": _funnel(sampler.drawn, self.rejected, int(sampler.passed.sum()), self.accepted),
+            "per_au": {k: v.tolist() for k, v in self.per_au.items()},
+            "emotions": _counts(GRID.emotion_of, GRID.emotions, self.cells_kept),
+            "skin_groups": _counts(GRID.skin_of, range(GRID.skin_groups), self.cells_kept),
+            "age_groups": _counts(GRID.age_of, GRID.age_groups, self.cells_kept),
+            "planned": {
+                "emotions": _counts(GRID.emotion_of, GRID.emotions, spec.quotas),
+                "skin_groups": _counts(GRID.skin_of, range(GRID.skin_groups), spec.quotas),
+                "age_groups": _counts(GRID.age_of, GRID.age_groups, spec.quotas),
+            },
+            "expand": self.expand_stats.model_dump() if self.expand_stats is not None else {},
+            "generator": self.gen_tag,
+            "detect": {"enabled": self.cfg.detect.enabled, "min_agree": self.cfg.detect.min_agree},
+            "node": socket.gethostname(),
+            **(node or {}),
+            "attempt": attempt,
+        }
+        if self.injected:
+            stats["injected"] = self.injected
+        if self.accepted != spec.size:
+            raise RuntimeError(f"shard {spec.name} kept {self.accepted} samples, planned {spec.size}")
+        return stats
 
 
 def _funnel(drawn: int, rejected: Counter[str], passed: int, accepted: int) -> dict[str, int]:
@@ -255,158 +271,6 @@ def _funnel(drawn: int, rejected: Counter[str], passed: int, accepted: int) -> d
     return out
 
 
-def label_consensus_jaccard(occ: np.ndarray, consensus_occ: np.ndarray, agree: np.ndarray) -> float:
-    """Jaccard of the generator's labels and the detectors' consensus over the agreed AUs only.
-
-    AUs the detectors do not agree on carry no evidence either way, so they are left out of both
-    sets (both empty: 1.0, as for every Jaccard here).
-    """
-    return jaccard(occ & agree, consensus_occ & agree)
-
-
 def _counts(keyf: Callable[[np.ndarray], np.ndarray], names: Any, counts: np.ndarray) -> dict[str, int]:
     keys = keyf(np.arange(GRID.size))
     return {str(n): int(counts[keys == i].sum()) for i, n in enumerate(names)}
-
-
-def _write_sample(
-    writer: ShardWriter,
-    cand: Candidate,
-    expansion: Any,
-    result: GenerationResult,
-    j: int,
-    det: tuple[Detection, int] | None,
-    thr: int,
-    gen_tag: str,
-    build_id: str,
-    per_au: dict[str, np.ndarray],
-) -> None:
-    intensity = result.intensity[j]
-    occ = result.occurrence_prob[j] >= 0.5  # the generator's occurrence head (puppet: exact)
-    target = cand.intensity.astype(np.int64)
-    prompt_occ = np.asarray(expansion.parsed) >= thr
-    scores = {
-        "prompt_target_jaccard": round(float(expansion.jaccard), 6),
-        "label_prompt_jaccard": round(jaccard(prompt_occ, occ), 6),
-    }
-    consensus_meta = None
-    row_det: dict[str, Any] = dict.fromkeys(DETECT_COLUMNS)
-    if det is not None:
-        d, r = det
-        c = d.consensus
-        c_occ, c_int, agree = c.occurrence[r], c.intensity[r], c.agree[r]
-        scores["label_consensus_jaccard"] = round(label_consensus_jaccard(occ, c_occ, agree), 6)
-        if d.realism is not None:
-            scores["realism"] = round(float(d.realism[r]), 6)
-        raw = d.raw(r)
-        consensus_meta = {
-            "occurrence": c_occ.astype(int).tolist(),
-            "intensity": [None if np.isnan(x) else round(float(x), 4) for x in c_int],
-            "agree": agree.astype(int).tolist(),
-            "votes": c.votes[r].astype(int).tolist(),
-            "coverage": c.coverage.astype(int).tolist(),
-            "min_agree": c.k,
-        }
-        row_det = {
-            "consensus_occurrence": c_occ.tolist(),
-            "consensus_intensity": [None if np.isnan(x) else float(x) for x in c_int],
-            "consensus_agree": agree.tolist(),
-            "realism": scores.get("realism"),
-            "label_consensus_jaccard": scores["label_consensus_jaccard"],
-            "detectors": _json(raw),
-        }
-    identity = cand.identity.model_dump(mode="json")
-    meta = _candidate_meta(cand, expansion, thr) | {
-        "labels": _labels_meta(intensity, result.occurrence_prob[j], thr),
-        "consensus": consensus_meta,
-        "detectors": json.loads(row_det["detectors"]) if row_det["detectors"] else None,
-        "scores": scores,
-        "provenance": {"generator": gen_tag, "build_id": build_id},
-    }
-    row = {
-        "key": cand.key,
-        "shard": cand.shard,
-        "candidate": cand.index,
-        "seed": cand.seed,
-        "emotion": cand.emotion,
-        "strength": cand.strength,
-        "skin_group": cand.identity.skin_group,
-        "age_group": cand.identity.age_group,
-        "prompt": expansion.text,
-        "expander": expansion.expander,
-        "expand_fallback": expansion.fallback,
-        "target_intensity": target.tolist(),
-        "intensity": intensity.tolist(),
-        "occurrence": occ.tolist(),
-        "prompt_target_jaccard": scores["prompt_target_jaccard"],
-        "label_prompt_jaccard": scores["label_prompt_jaccard"],
-        "identity": _json(identity),
-        "generator": gen_tag,
-        **row_det,
-    }
-    writer.write(cand.key, result.images[j], meta, au_array(occ, intensity), row)
-    per_au["target_occ"] += target >= thr
-    per_au["target_int"] += target
-    per_au["occ"] += occ
-    per_au["int"] += intensity
-
-
-def _candidate_meta(cand: Candidate, expansion: Any, thr: int) -> dict[str, Any]:
-    """KEY.json's account of a candidate before generation: who, what was asked, and the prompt."""
-    target = cand.intensity.astype(np.int64)
-    return {
-        "key": cand.key,
-        "shard": cand.shard,
-        "candidate": cand.index,
-        "seed": cand.seed,
-        "emotion": cand.emotion,
-        "strength": cand.strength,
-        "prompt": expansion.text,
-        "expander": expansion.expander,
-        "expand_fallback": expansion.fallback,
-        "target": {"intensity": target.tolist(), "occurrence": (target >= thr).astype(int).tolist()},
-        "prompt_aus": list(map(int, expansion.parsed)),
-        "identity": cand.identity.model_dump(mode="json"),
-    }
-
-
-def _labels_meta(intensity: np.ndarray, occurrence_prob: np.ndarray, thr: int) -> dict[str, Any]:
-    """The generator's labels as KEY.json keeps them (occurrence: its head's probability >= 0.5)."""
-    return {
-        "intensity": [round(float(x), 4) for x in intensity],
-        "occurrence": (occurrence_prob >= 0.5).astype(int).tolist(),
-        "occurrence_prob": [round(float(x), 4) for x in occurrence_prob],
-        "occurrence_threshold": thr,
-    }
-
-
-def _rejected_sample(
-    reason: str,
-    cand: Candidate,
-    expansion: Any,
-    result: GenerationResult | None,
-    j: int,
-    scores: dict[str, float],
-    thr: int,
-    gen_tag: str,
-    build_id: str,
-) -> tuple[dict[str, Any], np.ndarray | None]:
-    """KEY.json of a kept rejected candidate (as an accepted sample's, plus `reason`) and its image, if any."""
-    meta = _candidate_meta(cand, expansion, thr) | {
-        "reason": reason,
-        "scores": {k: round(float(v), 6) for k, v in scores.items()},
-        "provenance": {"generator": gen_tag, "build_id": build_id},
-    }
-    image = None
-    if result is not None and j >= 0:
-        inten, prob = result.intensity[j], result.occurrence_prob[j]
-        if np.isfinite(inten).all() and np.isfinite(prob).all():
-            meta["labels"] = _labels_meta(inten, prob, thr)
-        img = result.images[j]
-        if img.dtype == np.uint8:  # a NaN image (float) has nothing to show
-            image = img
-    return meta, image
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.facs import NUM_AUS
+from core.facs import NUM_AUS
 
 from .layout import Layout
 from .manifest import STATS_SUFFIX, open_build

@@ -1,6 +1,6 @@
 """Shard writer: one webdataset tar, its parquet and its stats JSON, committed atomically.
 
-Order of DESIGN.md: the tar is streamed to a temporary name while the shard runs (samples never
+Commit order (docs/design.md): the tar is streamed to a temporary name while the shard runs (samples never
 pile up in memory), flushed and renamed; then the parquet; then the stats JSON, which is the
 commit marker. A crash at any point leaves only temporary or unmarked files, which a resume
 removes and redoes. Tars are reproducible (fixed mtime/owner), so a re-run writes the same bytes.
@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from pipelines.facs import AUS
+from core.facs import AUS
 
 from .layout import Layout, _fsync
 

@@ -4,7 +4,9 @@ Used by tests/test_corpus_digest.py to show that a refactor changes no byte of a
 digest of a fixed small build is checked in (tests/data/corpus_digest.json) and every run of the
 suite rebuilds that corpus and compares. Parquet files are compared by schema and rows, not bytes
 (their footer names the pyarrow version that wrote them); stats markers without the fields that
-name the machine or the clock.
+name the machine or the clock. The generator's provenance tag (`puppet@HASH`, HASH a hash of the
+renderer's source text) is read as its name alone: it changes with any edit of those modules,
+comments and import lines included, while every image, label and score must stay the same.
 
 Regenerate after an intended change of what a build writes:
     MIFA_WRITE_DIGEST=1 bash tests/run.sh tests/test_corpus_digest.py
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,28 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _untag(obj: Any) -> Any:
+    """`obj` with every generator provenance tag NAME@HASH cut to NAME."""
+    if isinstance(obj, dict):
+        return {k: (v.split("@")[0] if k == "generator" and isinstance(v, str) else _untag(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_untag(v) for v in obj]
+    return obj
+
+
+def _tar_digest(path: Path) -> str:
+    """Every member's name, mode and bytes in order; JSON members with the provenance tag cut."""
+    h = hashlib.sha256()
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            data = tar.extractfile(m).read() if m.isfile() else b""
+            if m.name.endswith(".json"):
+                data = json.dumps(_untag(json.loads(data)), sort_keys=True).encode()
+            h.update(f"{m.name}\0{m.mode}\0{m.uname}\0{m.mtime}\0{len(data)}\0".encode())
+            h.update(data)
+    return h.hexdigest()
+
+
 def digest(out: Path) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
@@ -39,12 +64,12 @@ def digest(out: Path) -> dict[str, Any]:
         if not p.is_file() or rel == "build.json" or "/.tmp-" in f"/{rel}" or rel.startswith("cache/"):
             continue
         if p.suffix == ".tar":
-            files[rel] = _sha(p.read_bytes())
+            files[rel] = _tar_digest(p)
         elif p.suffix == ".parquet":
             t = pq.read_table(p)
-            files[rel] = _sha((str(t.schema) + json.dumps(t.to_pylist(), sort_keys=True)).encode())
+            files[rel] = _sha((str(t.schema) + json.dumps(_untag(t.to_pylist()), sort_keys=True)).encode())
         elif rel.endswith(".stats.json"):
-            stats = {k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE}
+            stats = _untag({k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE})
             files[rel] = _sha(json.dumps(stats, sort_keys=True).encode())
         else:
             files[rel] = _sha(p.read_bytes())

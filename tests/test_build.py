@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 
 from conftest import FAST, ROOT, SMALL_RAY, factory
-from pipelines.facs import NUM_AUS
+from core.facs import NUM_AUS
 
 
 def _names(out: Path, suffix: str) -> list[str]:

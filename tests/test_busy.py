@@ -11,7 +11,8 @@ import pytest
 
 from factory.config import load_config
 from factory.generators import GenerationBatch
-from factory.graph import ActorBusy, GeneratorActor, run_build
+from factory.actors import ActorBusy, GeneratorActor
+from factory.graph import run_build
 from factory.plan import Plan
 from factory.sampler import ShardSampler
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from factory.config import ConfigError, FactoryConfig, load_config
-from factory.graph import BuildConfigMismatch, prepare_output
+from factory.record import BuildConfigMismatch, prepare_output
 
 
 def test_defaults_and_overrides(tmp_path):

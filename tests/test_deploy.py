@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 import factory.graph
 from factory.cli import app
 from factory.config import FactoryConfig
-from factory.graph import generator_count
+from factory.cluster import generator_count
 
 DEPLOY = ROOT / "deploy"
 RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"

@@ -11,19 +11,20 @@ import pytest
 import torch
 import yaml
 
+from core.facs import AUS, NUM_AUS
+from core.identity_net import IdentityNet
 from detectors import data
 from detectors.au import AUOutput, OnnxAUDetector
 from detectors.builtin import BUILTIN_MODELS, MODELS_DIR, resolve
 from detectors.consensus import consensus
 from detectors.identity import OnnxIdentityEncoder
 from detectors.metrics import au_report, roc_auc
-from detectors.models import AUDetectorNet, IdentityNet, RealismNet
+from detectors.models import AUDetectorNet, RealismNet
 from detectors.panel import DetectorPanel
 from detectors.realism import OnnxRealism
 from detectors.runtime import DetectorOutputError
 from detectors.spec import SpecError, load_spec
 from detectors.train import _AUExport, _RealismExport, export_onnx, to_input
-from pipelines.facs import AUS, NUM_AUS
 
 SPEC_AU = {
     "task": "au_detector",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 import yaml
 from conftest import ROOT, factory
 
+from core.identity_net import IdentityNet
+from detectors.builtin import torch_weights
 from pipelines.maugen import ConditionalLabelDecoder, MAUGenConfig, MAUGenPipeline, build_pipeline, core, losses
 from pipelines.maugen.build import SD15_TEXT, build_word_tokenizer, load_identity_encoder, prompt_corpus, sd15_on_meta
 from pipelines.maugen.data import PuppetFaceDataset
@@ -33,10 +36,13 @@ MICRO = {
     "tokens_per_side": 4,
 }
 
+#: The identity encoder every test pipeline is built with (build_pipeline takes its weights folder).
+ID_WEIGHTS = torch_weights("builtin:identity", "identity")
+
 
 @pytest.fixture(scope="module")
 def pipe() -> MAUGenPipeline:
-    p = build_pipeline(MAUGenConfig(**MICRO), seed=0)
+    p = build_pipeline(MAUGenConfig(**MICRO), ID_WEIGHTS, seed=0)
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -60,6 +66,7 @@ def test_save_load_round_trip_gives_identical_images_and_labels(pipe, people, tm
     pipe.save_pretrained(tmp_path / "m")
     index = json.loads((tmp_path / "m" / "model_index.json").read_text())
     assert index["label_decoder"] == ["pipelines.maugen.label_decoder", "ConditionalLabelDecoder"]
+    assert index["identity_encoder"] == ["core.identity_net", "IdentityNet"]
     assert index["vae"] == [None, None]
     loaded = MAUGenPipeline.from_pretrained(tmp_path / "m")
     loaded.set_progress_bar_config(disable=True)
@@ -71,6 +78,39 @@ def test_save_load_round_trip_gives_identical_images_and_labels(pipe, people, tm
     c = _call(loaded, people, seed=8)
     assert not np.array_equal(a.images, c.images)
     assert a.au_intensity.min() >= 0 and a.au_intensity.max() <= 5
+
+
+def test_a_checkpoint_naming_the_old_identity_encoder_module_still_loads(tmp_path, monkeypatch):
+    """IdentityNet moved from detectors.models to core.identity_net: a checkpoint saved before names the old
+    module in model_index.json. It loads in a process that never imported detectors.models (the pipeline
+    maps the old name), saves under the new one, and detectors.models still re-exports the class."""
+    from pipelines.maugen.builtin import resolve_checkpoint
+
+    shipped = resolve_checkpoint("builtin:tiny-puppet")
+    old = tmp_path / "old"
+    shutil.copytree(shipped, old)
+    index = json.loads((old / "model_index.json").read_text())
+    assert index["identity_encoder"] == ["core.identity_net", "IdentityNet"]
+    index["identity_encoder"] = ["detectors.models", "IdentityNet"]
+    (old / "model_index.json").write_text(json.dumps(index, indent=2))
+
+    monkeypatch.delitem(sys.modules, "detectors.models", raising=False)
+    loaded = MAUGenPipeline.from_pretrained(old)
+    assert "detectors.models" not in sys.modules
+    assert type(loaded.identity_encoder) is IdentityNet
+    want = IdentityNet.from_pretrained(shipped / "identity_encoder").state_dict()
+    got = loaded.identity_encoder.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "model_index.json").read_text())
+    assert resaved["identity_encoder"] == ["core.identity_net", "IdentityNet"]
+    monkeypatch.undo()
+
+    import detectors.models
+
+    assert detectors.models.IdentityNet is IdentityNet
+    assert type(MAUGenPipeline.from_pretrained(old).identity_encoder) is IdentityNet
 
 
 def test_batching_does_not_change_a_sample_with_per_sample_generators(pipe, people):
@@ -133,7 +173,7 @@ def test_mutual_conditioning_changes_c_au_across_steps(pipe, people):
 
 
 def test_mutual_conditioning_off_keeps_c_au_fixed(people):
-    p = build_pipeline(MAUGenConfig(**MICRO, mutual_conditioning=False))
+    p = build_pipeline(MAUGenConfig(**MICRO, mutual_conditioning=False), ID_WEIGHTS)
     p.set_progress_bar_config(disable=True)
     traj = _call(p, people, steps=3, return_au_condition=True).au_condition
     assert all(np.array_equal(traj[0], t) for t in traj)
@@ -262,7 +302,7 @@ def test_text_au_loss_reads_occurrence_where_only_occurrence_is_coded():
     ids=lambda r: next(iter(r)),
 )
 def test_table3_rows_are_configurations(row, people):
-    p = build_pipeline(MAUGenConfig(**MICRO, **row))
+    p = build_pipeline(MAUGenConfig(**MICRO, **row), ID_WEIGHTS)
     p.set_progress_bar_config(disable=True)
     for k, v in row.items():
         cfg = p.label_decoder.config if k in p.label_decoder.config else p.conditioner.config
@@ -282,7 +322,7 @@ def test_language_init_sets_queries_from_au_descriptions(pipe):
     q = pipe.label_decoder.queries.detach()
     cos = torch.nn.functional.cosine_similarity(q, torch.nn.functional.layer_norm(emb, (emb.shape[-1],)), dim=-1)
     assert bool((cos > 0.999).all())
-    p = build_pipeline(MAUGenConfig(**MICRO, language_init=False))
+    p = build_pipeline(MAUGenConfig(**MICRO, language_init=False), ID_WEIGHTS)
     cos_off = torch.nn.functional.cosine_similarity(p.label_decoder.queries.detach(), emb, dim=-1)
     assert float(cos_off.abs().mean()) < 0.5
 
@@ -389,12 +429,12 @@ def test_from_a_local_stable_diffusion_directory(tmp_path, people):
     tok.save_pretrained(sd / "tokenizer")
     DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(sd / "scheduler")
     with pytest.raises(ValueError, match="predicts 'v_prediction', but MAUGen trains epsilon"):
-        MAUGenPipeline.from_stable_diffusion(sd, load_identity_encoder("builtin:identity"))
+        MAUGenPipeline.from_stable_diffusion(sd, load_identity_encoder(ID_WEIGHTS))
     DDIMScheduler(beta_schedule="scaled_linear").save_pretrained(sd / "scheduler")
     with pytest.raises(FileNotFoundError, match="missing unet"):
-        MAUGenPipeline.from_stable_diffusion(tmp_path, load_identity_encoder("builtin:identity"))
+        MAUGenPipeline.from_stable_diffusion(tmp_path, load_identity_encoder(ID_WEIGHTS))
     p = MAUGenPipeline.from_stable_diffusion(
-        sd, load_identity_encoder("builtin:identity"), label_layers=(1,), tokens_per_side=4, num_heads=2
+        sd, load_identity_encoder(ID_WEIGHTS), label_layers=(1,), tokens_per_side=4, num_heads=2
     )
     p.set_progress_bar_config(disable=True)
     assert p.vae is not None and p.vae_scale_factor == 8 and not p.inpainting
@@ -406,7 +446,7 @@ def test_from_a_local_stable_diffusion_directory(tmp_path, people):
     # an inpainting base VAE-encodes the exemplar: a seed still fixes the sample, whatever torch's global RNG holds
     unet(9).save_pretrained(sd / "unet")
     p = MAUGenPipeline.from_stable_diffusion(
-        sd, load_identity_encoder("builtin:identity"), label_layers=(1,), tokens_per_side=4, num_heads=2
+        sd, load_identity_encoder(ID_WEIGHTS), label_layers=(1,), tokens_per_side=4, num_heads=2
     )
     p.set_progress_bar_config(disable=True)
     masks = np.stack([people[i].mask for i in range(2)])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.facs import AUS, NUM_AUS, active_set, au_index
+from core.facs import AUS, NUM_AUS, active_set, au_index
 from pipelines.maugen.data import (
     BP4D_SUBJECTS,
     DISFA_FOLDS,
@@ -480,7 +480,7 @@ def test_puppet_dataset_deterministic_and_exact():
 
 def test_puppet_dataset_workers_match_serial():
     serial = PuppetFaceDataset(512, 4, seed=2, workers=1)
-    parallel = PuppetFaceDataset(512, 4, seed=2, workers=2)  # detectors.data.render uses processes from 512
+    parallel = PuppetFaceDataset(512, 4, seed=2, workers=2)  # pipelines.puppet.data.render uses processes from 512
     np.testing.assert_array_equal(serial.images, parallel.images)
 
 

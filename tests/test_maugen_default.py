@@ -16,9 +16,8 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, SMALL_RAY, factory, shard_stats
-from test_maugen import MICRO
+from test_maugen import ID_WEIGHTS, MICRO
 
-from detectors.data import identities
 from detectors.metrics import f1_per_au
 from detectors.panel import DetectorPanel
 from factory.config import MAUGenGeneratorConfig, load_config
@@ -30,6 +29,7 @@ from pipelines.maugen.train import TrainConfig, Trainer
 from pipelines.prompts import grammar_expand
 from pipelines.prompts.targets import random_requests
 from pipelines.puppet import PuppetRenderer
+from pipelines.puppet.data import identities
 
 RECIPE = ROOT / BUILTIN_CHECKPOINTS["tiny-puppet"]
 #: Floors under the shipped weights' held-out numbers (regression guards; issue 6 aims at 0.90).
@@ -43,7 +43,7 @@ BUILD_SETS = ["--set", "checks.label_consensus_jaccard=0", "--set", "build.max_o
 
 
 def test_patch_latent_folds_pixels_losslessly(tmp_path):
-    p = build_pipeline(MAUGenConfig(**MICRO, patch_size=2), seed=0)
+    p = build_pipeline(MAUGenConfig(**MICRO, patch_size=2), ID_WEIGHTS, seed=0)
     p.set_progress_bar_config(disable=True)
     assert (p.unet.config.in_channels, p.unet.config.out_channels, p.unet.config.sample_size) == (25, 12, 32)
     assert p.vae_scale_factor == 2 and p.latent_channels == 12 and p.inpainting
@@ -66,7 +66,7 @@ def test_patch_latent_folds_pixels_losslessly(tmp_path):
     b = q([ds[i].prompt for i in range(2)], ex, generator=torch.Generator().manual_seed(1), **call)
     np.testing.assert_array_equal(a.images, b.images)
     with pytest.raises(ValueError, match="multiple of 3"):
-        build_pipeline(MAUGenConfig(**MICRO, patch_size=3), seed=0)
+        build_pipeline(MAUGenConfig(**MICRO, patch_size=3), ID_WEIGHTS, seed=0)
 
 
 def test_ema_weights_go_into_saved_pipelines_and_resume(tmp_path):

@@ -1,5 +1,5 @@
 """AU metrics against references: scikit-learn's F1 and ROC AUC, ICC(3,1) worked by hand and from
-Shrout & Fleiss (1979), the FID formula in closed form, and pipelines.facs.jaccard."""
+Shrout & Fleiss (1979), the FID formula in closed form, and core.facs.jaccard."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
+from core import facs
 from detectors import metrics
 from detectors.metrics import (
     au_report,
@@ -20,7 +21,6 @@ from detectors.metrics import (
     mae_per_au,
     roc_auc,
 )
-from pipelines import facs
 
 # ---------------------------------------------------------------------------------------------
 # F1

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 
 from factory.config import ConfigError, load_config
-from factory.graph import generator_count, run_build
+from factory.cluster import generator_count
+from factory.graph import run_build
 
 GPU_CLUSTER = {"CPU": 128.0, "GPU": 16.0}
 

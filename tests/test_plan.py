@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+from core.facs import EMOTION_NAMES, occurrence
 from factory.config import load_config
 from factory.plan import GRID, Plan
 from factory.sampler import QuotaExhaustedError, ShardSampler
-from pipelines.facs import EMOTION_NAMES, occurrence
 
 
 def test_shard_sizes_and_quotas():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipelines.facs import AUS, au_index, occurrence
+from core.facs import AUS, au_index, occurrence
 from pipelines.prompts import ExpandConfig, GrammarExpander, make_expander
 from pipelines.prompts.grammar import grammar_expand
 from pipelines.prompts.lexicon import identity_terms

@@ -10,7 +10,7 @@ import time
 import pytest
 from openai_server import FakeOpenAIServer, Response, describe, target_of
 
-from pipelines.facs import AUS
+from core.facs import AUS
 from pipelines.prompts import ExpandConfig, LLMConfig, make_expander
 from pipelines.prompts.llm import LLMExpander, extract_description
 from pipelines.prompts.targets import random_requests

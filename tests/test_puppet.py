@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipelines.facs import AUS, NUM_AUS, au_index
+from core.facs import AUS, NUM_AUS, au_index
 from pipelines.puppet import AGE_GROUPS, SKIN_TONE_GROUPS, PuppetIdentity, PuppetRenderer, sample_identity
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, factory
 
+from core.facs import NUM_AUS
 from factory.report_html import SECTIONS
-from pipelines.facs import NUM_AUS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PLOTS = 7  # funnel, rejections, AU occurrence, AU intensity, co-occurrence, balance, throughput

@@ -18,51 +18,61 @@ import pytest
 from conftest import FAST, ROOT, factory, shard_stats
 from netns_lab import runs_a_shard
 
-from factory.graph import _Pool, _worker_lost
+from factory.graph import worker_lost
+from factory.pool import StagePool, WorkerPool
 
 
-def _pool(gen_nodes: list[str], det_nodes: list[str]) -> _Pool:
-    gens, dets = [f"g{i}" for i in range(len(gen_nodes))], [f"d{i}" for i in range(len(det_nodes))]
-    return _Pool(gens, dets, [*gen_nodes, *det_nodes], cpus=0.25)
+def _pool(gen_nodes: list[str], det_nodes: list[str]) -> WorkerPool:
+    gens = StagePool([f"g{i}" for i in range(len(gen_nodes))], gen_nodes)
+    dets = StagePool([f"d{i}" for i in range(len(det_nodes))], det_nodes)
+    return WorkerPool(gens, dets, cpus=0.25)
+
+
+def _assign(pool: WorkerPool) -> tuple[int, int | None]:
+    a = pool.assign()
+    return a.generator, a.detector
 
 
 def test_pool_hands_a_worker_the_least_loaded_actors_on_its_node():
     pool = _pool(["A", "A", "B"], ["B", "A"])
     pool.idle = [("w1", "A"), ("w2", "A"), ("w3", "A"), ("w4", "B"), ("w5", "C")]
-    # generators 0, 1 on A, 2 on B; detectors (load indices 3, 4) on B and A
-    assert pool.assign()[2:] == (0, 4)
-    assert pool.assign()[2:] == (1, 4)  # generator 0 now serves one shard, 1 none
-    assert pool.assign()[2:] == (0, 4)  # tie between 0 and 1 goes to the lower index
-    assert pool.assign()[2:] == (2, 3)  # node B has its own generator and detector
+    # generators 0, 1 on A, 2 on B; detectors 0 on B, 1 on A
+    slots = [pool.assign()]
+    assert (slots[0].generator, slots[0].detector) == (0, 1)
+    assert _assign(pool) == (1, 1)  # generator 0 now serves one shard, 1 none
+    assert _assign(pool) == (0, 1)  # tie between 0 and 1 goes to the lower index
+    assert _assign(pool) == (2, 0)  # node B has its own generator and detector
     # node C has neither: the least-loaded anywhere (generators 1 and 2 serve one shard each,
-    # detector 3 one and detector 4 three)
-    assert pool.assign()[2:] == (1, 3)
-    assert pool.load == [2, 2, 1, 2, 3] and not pool.idle
-    pool.release(0, 4)
-    pool.release(2, 3)
-    assert pool.load == [1, 2, 0, 1, 2]
+    # detector 0 one and detector 1 three)
+    assert _assign(pool) == (1, 0)
+    assert pool.generators.load == [2, 2, 1] and pool.detectors.load == [2, 3] and not pool.idle
+    pool.release(slots[0])
+    assert pool.generators.load == [1, 2, 1] and pool.detectors.load == [2, 2]
+    assert pool.idle == [("w1", "A")]  # its worker is idle again
+    assert pool.generators.actor(1) == "g1" and pool.detectors.actor(None) is None
 
 
 def test_pool_without_detectors():
     pool = _pool(["A"], [])
     pool.idle = [("w", "A")]
-    assert pool.assign() == ("w", "A", 0, None)
-    pool.release(0, None)
-    assert pool.load == [0]
+    a = pool.assign()
+    assert (a.worker, a.node, a.generator, a.detector) == ("w", "A", 0, None)
+    pool.release(a, worker_alive=False)
+    assert pool.generators.load == [0] and not pool.idle
 
 
 def test_worker_lost_tells_a_dead_worker_from_a_failing_shard():
     import ray.exceptions as rex
 
     died = rex.ActorDiedError()
-    assert _worker_lost(died)
-    assert _worker_lost(rex.ActorUnavailableError("unreachable", None))
+    assert worker_lost(died)
+    assert worker_lost(rex.ActorUnavailableError("unreachable", None))
     # the generator died under the shard: Ray wraps it in a RayTaskError that is also an
     # ActorDiedError, but the shard worker itself is alive
     wrapped = rex.RayTaskError("ShardWorker.run", "traceback", died).as_instanceof_cause()
-    assert isinstance(wrapped, rex.ActorDiedError) and not _worker_lost(wrapped)
-    assert not _worker_lost(rex.RayTaskError("ShardWorker.run", "traceback", ValueError("bad")))
-    assert not _worker_lost(ValueError("bad"))
+    assert isinstance(wrapped, rex.ActorDiedError) and not worker_lost(wrapped)
+    assert not worker_lost(rex.RayTaskError("ShardWorker.run", "traceback", ValueError("bad")))
+    assert not worker_lost(ValueError("bad"))
 
 
 def test_one_worker_process_per_shard_in_flight_for_the_whole_build(tmp_path):

@@ -101,8 +101,8 @@ def test_kept_rejected_samples_go_outside_the_corpus_before_the_marker(tmp_path,
 
 def test_verify_reads_every_sample_and_names_what_is_wrong():
     """Checks that hold under `python -O`: a NaN or misshapen label array, a json naming another key."""
+    from core.facs import NUM_AUS
     from factory.verify import VerifyReport, _check_tar
-    from pipelines.facs import NUM_AUS
 
     img = encode_image(np.zeros((8, 8, 3), np.uint8), "png", 95)
 

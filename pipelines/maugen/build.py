@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,6 +23,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from pydantic import BaseModel, ConfigDict, Field
+
+from core.identity_net import IdentityNet
 
 from .pipeline import AU_TEXTS, MAUGenPipeline
 
@@ -39,7 +42,9 @@ class MAUGenConfig(BaseModel):
         "tiny", description="'tiny' (built from scratch) or a local Stable Diffusion directory (diffusers format)"
     )
     identity_encoder: str = Field(
-        "builtin:identity", description="spec of the identity encoder (torch weights are used)"
+        "builtin:identity",
+        description="spec of the identity encoder (torch weights are used); whoever calls build_pipeline resolves "
+        "it to its weights folder (detectors.builtin.torch_weights)",
     )
     # tiny sizes (ignored for an SD base)
     image_size: int = Field(64, ge=16)
@@ -142,18 +147,16 @@ def build_word_tokenizer(texts: list[str], max_length: int = 48):
 # ---------------------------------------------------------------------------- parts
 
 
-def load_identity_encoder(ref: str):
-    """The identity encoder's torch weights, named by its detector spec (`builtin:identity` or a path)."""
-    from detectors.builtin import resolve
-    from detectors.models import IdentityNet
-    from detectors.spec import load_spec
+def load_identity_encoder(weights: str | Path) -> IdentityNet:
+    """The frozen identity encoder from its torch weights folder (diffusers format).
 
-    spec = load_spec(resolve(ref), task="identity")
-    if spec.torch_path is None or not spec.torch_path.is_dir():
-        raise FileNotFoundError(
-            f"identity encoder {ref}: MAUGen needs its torch weights (spec key torch_weights), found none at {spec.torch_path}"
-        )
-    enc = IdentityNet.from_pretrained(spec.torch_path)
+    The folder is the identity detector spec's `torch_weights`: `detectors.builtin.torch_weights(ref, "identity")`
+    finds it for a spec reference such as `builtin:identity` (pipelines do not import detectors).
+    """
+    path = Path(weights)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"identity encoder: {path} is not a saved IdentityNet (no config.json)")
+    enc = IdentityNet.from_pretrained(path)
     enc.requires_grad_(False).eval()
     return enc
 
@@ -208,9 +211,13 @@ def make_scheduler(cfg: MAUGenConfig):
     )
 
 
-def build_pipeline(cfg: MAUGenConfig, seed: int = 0) -> MAUGenPipeline:
-    """A fresh MAUGen: the tiny from-scratch model, or SD weights + fresh MAUGen parts."""
-    identity_encoder = load_identity_encoder(cfg.identity_encoder)
+def build_pipeline(cfg: MAUGenConfig, identity_weights: str | Path, seed: int = 0) -> MAUGenPipeline:
+    """A fresh MAUGen: the tiny from-scratch model, or SD weights + fresh MAUGen parts.
+
+    `identity_weights` is the torch weights folder of `cfg.identity_encoder`, resolved by the caller
+    (`detectors.builtin.torch_weights(cfg.identity_encoder, "identity")`).
+    """
+    identity_encoder = load_identity_encoder(identity_weights)
     kwargs = cfg.label_decoder_kwargs()
     if cfg.base != "tiny":
         pipe = MAUGenPipeline.from_stable_diffusion(
@@ -308,8 +315,6 @@ def sd15_on_meta(
     """Build MAUGen at SD 1.5's sizes on the meta device (no memory, no weights); parameter counts."""
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from detectors.models import IdentityNet
 
     from .pipeline import label_parts
 

@@ -21,7 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from pipelines.facs import NUM_AUS
+from core.facs import NUM_AUS
 
 
 class MAUGenConditioner(ModelMixin, ConfigMixin):

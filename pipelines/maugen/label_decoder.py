@@ -30,7 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from pipelines.facs import INTENSITY_MAX, NUM_AUS
+from core.facs import INTENSITY_MAX, NUM_AUS
 
 
 @dataclass

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.facs import DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX
+from core.facs import DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX
 
 from .label_decoder import LabelOutput
 

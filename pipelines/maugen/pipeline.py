@@ -41,8 +41,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-import detectors.models  # noqa: F401 - diffusers loads a component class only from an imported module
-from pipelines.facs import AU_DESCRIPTIONS, AU_NAMES, AUS
+from core.facs import AU_DESCRIPTIONS, AU_NAMES, AUS
+from core.identity_net import IdentityNet  # noqa: F401 - diffusers loads a component class only from an imported module
 
 from . import core
 from .conditioning import MAUGenConditioner, install_mrl_processors
@@ -51,6 +51,11 @@ from .label_decoder import ConditionalLabelDecoder
 log = logging.getLogger(__name__)
 
 AU_TEXTS: tuple[str, ...] = tuple(f"{AU_NAMES[au]}: {AU_DESCRIPTIONS[au]}" for au in AUS)
+
+#: Component modules named in the model_index.json of older checkpoints -> where those classes live now.
+#: (detectors.models still re-exports IdentityNet, but diffusers resolves only a module the process has
+#: already imported, and pipelines do not import detectors.)
+MOVED_COMPONENT_MODULES: dict[str, str] = {"detectors.models": "core.identity_net"}
 
 
 @dataclass
@@ -162,6 +167,16 @@ class MAUGenPipeline(DiffusionPipeline):
             )
         install_mrl_processors(unet, conditioner)
         self.tap = core.FeatureTap(unet, label_decoder.config.label_layers)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """The config (model_index.json), with component modules that moved since it was saved renamed."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        for name, entry in config.items():
+            if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] in MOVED_COMPONENT_MODULES:
+                config[name] = [MOVED_COMPONENT_MODULES[entry[0]], entry[1]]
+        return out
 
     # ------------------------------------------------------------------ geometry
 

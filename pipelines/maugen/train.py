@@ -220,7 +220,9 @@ class Trainer:
         if cfg.init_from:
             self.pipe = MAUGenPipeline.from_pretrained(cfg.init_from)
         else:
-            self.pipe = build_pipeline(cfg.model, seed=cfg.seed)
+            from detectors.builtin import torch_weights
+
+            self.pipe = build_pipeline(cfg.model, torch_weights(cfg.model.identity_encoder, "identity"), seed=cfg.seed)
         self.pipe.to(self.device)
         self.noise_scheduler = _ddpm(self.pipe.scheduler)
         self.alphas = self.noise_scheduler.alphas_cumprod.to(self.device)

@@ -14,7 +14,7 @@ import logging
 import random
 from collections.abc import Sequence
 
-from pipelines.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, au_index, jaccard, occurrence
+from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, au_index, jaccard, occurrence
 from pipelines.prompts.lexicon import (
     AU_NEGATIVE,
     AU_POSITIVE,

@@ -1,7 +1,7 @@
 """The FACS vocabulary shared by the grammar (which writes it) and the parser (which reads it back).
 
 One table per concept, so that every word the grammar can emit has exactly one meaning for the
-parser. Intensity words follow the 0-5 scale of facs.py:
+parser. Intensity words follow the 0-5 scale of core/facs.py:
 
     level 1 (trace, below occurrence)  barely visible, barely perceptible, just perceptible, barely
     level 2 (FACS B)                   slight, mild, subtle, light, faint, gentle, soft, small
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-from pipelines.facs import AUS
+from core.facs import AUS
 
 #: Level -> adjectives the grammar uses before a noun phrase ("a moderate cheek raise").
 LEVEL_ADJECTIVES: dict[int, tuple[str, ...]] = {

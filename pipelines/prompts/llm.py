@@ -29,7 +29,7 @@ import fsspec
 import openai
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipelines.facs import AU_DESCRIPTIONS, AU_NAMES, AUS, STRENGTHS, active_set, jaccard, occurrence
+from core.facs import AU_DESCRIPTIONS, AU_NAMES, AUS, STRENGTHS, active_set, jaccard, occurrence
 from pipelines.prompts.config import ExpandConfig, LLMConfig
 from pipelines.prompts.grammar import check_expansion, grammar_expand
 from pipelines.prompts.lexicon import LEVEL_ADJECTIVES, LEVEL_ADVERBS, identity_terms

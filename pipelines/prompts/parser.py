@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.facs import AUS, NUM_AUS, au_index
+from core.facs import AUS, NUM_AUS, au_index
 from pipelines.prompts.lexicon import LEVEL_ADJECTIVES, LEVEL_ADVERBS, PARSER_ONLY_LEVEL_WORDS
 
 #: Level of a mention that names an AU without any intensity word.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.facs import EMOTIONS, NUM_AUS, STRENGTHS, au_index
+from core.facs import EMOTIONS, NUM_AUS, STRENGTHS, au_index
 from pipelines.prompts.types import ExpansionRequest
 
 

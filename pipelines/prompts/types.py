@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.facs import AUS, EMOTIONS, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS, STRENGTHS
+from core.facs import AUS, EMOTIONS, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS, STRENGTHS
 
 
 class ExpansionRequest(BaseModel):

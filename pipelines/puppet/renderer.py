@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.facs import AUS, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS, au_index
+from core.facs import AUS, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS, au_index
 
 from .identity import EYE_COLORS, HAIR_COLORS, PuppetIdentity
 

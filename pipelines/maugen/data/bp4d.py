@@ -19,7 +19,7 @@ elsewhere, including for AUs whose occurrence is known. For the text prompt only
 known occurrence but unknown intensity reads as intensity 3 ("marked") when it occurs and 0 when
 not (`PROMPT_LEVEL_OCCURRING`), so the prompt names every occurring AU.
 
-There is no published BP4D subject split in FACS.md; `bp4d_split` is ours: the 41 subjects sorted,
+There is no published BP4D subject split (docs/facs.md); `bp4d_split` is ours: the 41 subjects sorted,
 then dealt round-robin into 3 parts (subject k goes to part k % 3), which mixes F and M subjects.
 BP4D has no face masks: every mask is all ones; images are centre square crops (`load_face`).
 """
@@ -36,7 +36,7 @@ from typing import Literal
 import numpy as np
 from torch.utils.data import Dataset
 
-from pipelines.facs import NUM_AUS, au_index
+from core.facs import NUM_AUS, au_index
 from pipelines.maugen.data.disfa import fold_split, frame_index, read_frame_values
 from pipelines.maugen.data.subjects import ExemplarCache, fold_subjects, frame_sample
 from pipelines.maugen.data.types import FaceSample

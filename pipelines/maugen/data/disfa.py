@@ -14,7 +14,7 @@ and non-random-access; pre-extracted frames are read in any order.
 
 DISFA has no face masks: every sample's mask is all ones (the whole image is the face region). The
 image is a centre square crop of the frame, resized (`identity_bank.load_face`). Occurrence follows
-the DISFA protocol: intensity >= 2 (pipelines.facs.DEFAULT_OCCURRENCE_THRESHOLD).
+the DISFA protocol: intensity >= 2 (core.facs.DEFAULT_OCCURRENCE_THRESHOLD).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 from torch.utils.data import Dataset
 
-from pipelines.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS
+from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS
 from pipelines.maugen.data.subjects import ExemplarCache, fold_subjects, frame_sample
 from pipelines.maugen.data.types import FaceSample
 
@@ -48,9 +48,9 @@ CAMERAS: dict[str, tuple[str, str, str]] = {
 #: Image files a frames folder may hold; the stem is the 1-based frame number.
 FRAME_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg")
 
-#: The 27 DISFA subjects (FACS.md).
+#: The 27 DISFA subjects (docs/facs.md).
 DISFA_SUBJECTS: tuple[str, ...] = tuple(f"SN{i:03d}" for i in (*range(1, 14), 16, 17, 18, 21, *range(23, 33)))
-#: The standard 3-fold subject split (FACS.md): part1, part2, part3.
+#: The standard 3-fold subject split (docs/facs.md): part1, part2, part3.
 DISFA_FOLDS: tuple[tuple[str, ...], ...] = tuple(
     tuple(f"SN{i:03d}" for i in part)
     for part in (

@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from pipelines.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, EMOTIONS, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS, STRENGTHS
+from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, EMOTIONS, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS, STRENGTHS
 from pipelines.prompts import ExpansionRequest, grammar_expand, parse_details
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def choose_emotion(active: frozenset[int] | set[int]) -> str:
 
     A prototype's AU set is its core AUs plus those of its optional AUs that are active: an optional
     AU ("happiness 6+12(+25)") helps when present and costs nothing when absent. Ties go to the
-    earlier emotion of `pipelines.facs.EMOTIONS`; an empty set is "neutral".
+    earlier emotion of `core.facs.EMOTIONS`; an empty set is "neutral".
     """
     active = frozenset(active)
     if not active:

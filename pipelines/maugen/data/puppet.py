@@ -19,15 +19,15 @@ from typing import Literal
 import numpy as np
 from torch.utils.data import Dataset
 
-from detectors.data import au_targets, identities, render
-from pipelines.facs import DEFAULT_OCCURRENCE_THRESHOLD, NUM_AUS
+from core.facs import DEFAULT_OCCURRENCE_THRESHOLD, NUM_AUS
 from pipelines.maugen.data.prompting import describe
 from pipelines.maugen.data.types import FaceSample
 from pipelines.puppet import PuppetIdentity, PuppetRenderer
+from pipelines.puppet.data import au_targets, identities, render
 
 log = logging.getLogger(__name__)
 
-_STREAM = 0x4D41_5547  # "MAUG": keeps this dataset's draws apart from detectors.data's streams
+_STREAM = 0x4D41_5547  # "MAUG": keeps this dataset's draws apart from pipelines.puppet.data's streams
 
 
 def person_id(identity: PuppetIdentity) -> str:
@@ -36,9 +36,9 @@ def person_id(identity: PuppetIdentity) -> str:
 
 
 class PuppetFaceDataset(Dataset):
-    """`n` puppet renders of `people` with random AU targets (detectors.data.au_targets).
+    """`n` puppet renders of `people` with random AU targets (pipelines.puppet.data.au_targets).
 
-    `people` is a list of identities, or a count drawn from `detectors.data.identities(count, split,
+    `people` is a list of identities, or a count drawn from `pipelines.puppet.data.identities(count, split,
     seed)` (train and heldout never share a person). Each sample picks a person and a target with an
     rng seeded by `seed`; labels are exact: intensity = the rendered target, occurrence = intensity
     >= 2. The exemplar is the person's neutral render (all AUs 0), the mask their face mask.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.facs import NUM_AUS
+from core.facs import NUM_AUS
 
 
 @dataclass

@@ -78,7 +78,7 @@ def active_set(intensity: np.ndarray, threshold: int = DEFAULT_OCCURRENCE_THRESH
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Jaccard |A and B| / |A or B| of two boolean 12-vectors; both empty counts as 1 (FACS.md)."""
+    """Jaccard |A and B| / |A or B| of two boolean 12-vectors; both empty counts as 1 (docs/facs.md)."""
     a = np.asarray(a, dtype=bool)
     b = np.asarray(b, dtype=bool)
     union = np.logical_or(a, b).sum()

@@ -1,0 +1,271 @@
+"""The Ray actors of a build: actors own models (loaded once) and shard workers drive shards through them.
+
+GeneratorActor holds one generator, DetectorActor the AU detectors and the realism model, and
+ShardWorker runs one shard at a time for the whole build. Generator and detector actors count
+the seconds spent inside their calls (`busy`), so a build can say which stage held it up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cluster import node
+from .config import ConfigError, FactoryConfig
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ConfigError):
+    """An actor could not load a configured model (missing, corrupt or mismatched file)."""
+
+
+@dataclass
+class ActorBusy:
+    """How busy one generator or detector actor was while shards remained.
+
+    The generators hold the costly accelerators (GPUs on a cluster), the detectors a share of
+    one: a generator fraction well below 1 while shards remained means it sat idle waiting on the
+    shard tasks' other work (too few shards in flight, slow expand/detect/write), so adding
+    generators would not speed the build up; a detector near 1 says detection is the bottleneck.
+    `fraction` is busy_s over the driver's shard window (first shard submitted to last shard
+    finished), so it is comparable across actors; an actor that restarted counts its last life only.
+    """
+
+    stage: str  # "generator" or "detector"
+    actor: int
+    node_ip: str
+    calls: int
+    images: int
+    busy_s: float  # seconds inside generate() / detect()
+    active_s: float  # this actor's own window: start of its first call to end of its last
+    fraction: float
+    gpu_ids: list[str] = field(default_factory=list)  # the GPUs Ray gave the actor (none on CPU)
+
+    def describe(self) -> str:
+        call = "generate" if self.stage == "generator" else "detect"
+        return (
+            f"{self.stage} {self.actor} busy {self.fraction:.3f} ({self.busy_s:.1f} s in {call}, "
+            f"{self.calls} calls, {self.images} images, active {self.active_s:.1f} s, node {self.node_ip}"
+            + (f", GPU {','.join(self.gpu_ids)})" if self.gpu_ids else ")")
+        )
+
+
+class _BusyMeter:
+    """Counts an actor's calls, images and seconds inside them, for the driver's busy fraction."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.images = 0
+        self.busy_s = 0.0
+        self.first_start: float | None = None
+        self.last_end: float | None = None
+
+    def _metered(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        start, t = time.time(), time.perf_counter()
+        try:
+            return fn(arg)
+        finally:
+            self.busy_s += time.perf_counter() - t
+            self.calls += 1
+            self.images += len(arg)
+            if self.first_start is None:
+                self.first_start = start
+            self.last_end = time.time()
+
+    def where(self) -> dict[str, str]:
+        """This actor's node, so that shard workers there use it first."""
+        return node()
+
+    def busy(self) -> dict[str, Any]:
+        """Time spent inside the metered calls and the window of the calls."""
+        import ray
+
+        active = self.last_end - self.first_start if self.first_start is not None and self.last_end else 0.0
+        return {
+            "node_ip": ray.util.get_node_ip_address(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "calls": self.calls,
+            "images": self.images,
+            "busy_s": self.busy_s,
+            "active_s": active,
+        }
+
+
+class GeneratorActor(_BusyMeter):
+    """Owns one generator (model loaded once) and serves batches to shard tasks."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        from .generators import make_generator
+
+        super().__init__()
+        self.generator = make_generator(FactoryConfig.model_validate(cfg_dict))
+
+    def info(self) -> dict[str, str]:
+        return {"name": self.generator.name, "version": self.generator.version}
+
+    def generate(self, batch: Any) -> Any:
+        return self._metered(self.generator.generate, batch)
+
+
+class DetectorActor(_BusyMeter):
+    """Owns the AU detectors and the realism discriminator (ONNX sessions loaded once)."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        from detectors.panel import DetectorPanel
+
+        super().__init__()
+        cfg = FactoryConfig.model_validate(cfg_dict)
+        d = cfg.detect
+        self.panel = DetectorPanel(
+            d.au_detectors,
+            d.min_agree,
+            realism=d.realism,
+            threads=cfg.runtime.detector_threads_used,
+            occurrence_threshold=cfg.labels.occurrence_threshold,
+            batch_size=d.batch_size,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return self.panel.describe()
+
+    def detect(self, images: Any) -> Any:
+        return self._metered(self.panel.detect, images)
+
+
+class ShardWorker:
+    """Runs shard tasks, one at a time, in a process that lives for the whole build.
+
+    Why an actor and not a Ray task per shard: Ray keeps only about `num_cpus` idle workers per
+    node and kills an extra idle one after a second, so tasks spread over several nodes kept
+    landing on fresh worker processes, each importing torch and the factory again
+    (bench/bench_cluster_scaling.py measures it). A shard task is still small and idempotent: the
+    driver re-submits a failed one, here or on another worker, with attempt + 1. The actor runs two
+    threads (max_concurrency=2) so that `live()` answers while `run()` works: a MAUGen shard takes
+    minutes to fill.
+    """
+
+    def __init__(self) -> None:
+        self._live = (0, 0)
+
+    def live(self) -> tuple[int, int]:
+        """(accepted, candidates) of the shard running now, as of its last round."""
+        return self._live
+
+    def where(self) -> dict[str, str]:
+        """This worker's node, which the driver uses to hand it node-local generators and detectors."""
+        return node()
+
+    def run(
+        self,
+        cfg_dict: dict[str, Any],
+        index: int,
+        out: str,
+        generator: Any,
+        detector: Any,
+        build_id: str,
+        attempt: int,
+        info: dict,
+    ) -> dict[str, Any]:
+        import ray
+
+        from .shard import run_shard
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        cfg = FactoryConfig.model_validate(cfg_dict)
+        self._live = (0, 0)
+
+        def on_round(accepted: int, candidates: int) -> None:
+            self._live = (accepted, candidates)
+
+        return run_shard(
+            cfg,
+            index,
+            out,
+            generate=lambda batch: ray.get(generator.generate.remote(batch)),
+            build_id=build_id,
+            attempt=attempt,
+            generator_info=info,
+            detect=(lambda images: ray.get(detector.detect.remote(images))) if detector is not None else None,
+            node={**node(), "worker_id": ray.get_runtime_context().get_actor_id()},
+            on_round=on_round,
+        )
+
+
+def start_model_actors(cfg: FactoryConfig, num_generators: int) -> tuple[list[Any], list[Any], dict[str, str]]:
+    """Start the generator and detector actors and wait until each has loaded its model; returns
+    (generators, detectors, the generator's name and version). A model that cannot load is one
+    ModelLoadError naming it, not an actor-death traceback."""
+    import ray
+
+    rt = cfg.runtime
+    cfg_dict = cfg.model_dump(mode="json")
+    gen_cls = ray.remote(GeneratorActor).options(
+        num_cpus=rt.generator_cpus, num_gpus=rt.generator_gpus, max_restarts=3, max_task_retries=2
+    )
+    generators = [gen_cls.remote(cfg_dict) for _ in range(num_generators)]
+    detectors: list[Any] = []
+    if cfg.detect.enabled:
+        det_cls = ray.remote(DetectorActor).options(
+            num_cpus=rt.detector_cpus, num_gpus=rt.detector_gpus, max_restarts=3, max_task_retries=2
+        )
+        detectors = [det_cls.remote(cfg_dict) for _ in range(rt.num_detectors)]
+        try:
+            ray.get([d.describe.remote() for d in detectors])
+        except ray.exceptions.RayActorError as err:
+            raise ModelLoadError(f"the detector actors could not load their models: {actor_cause(err)}") from None
+    try:
+        info = ray.get([a.info.remote() for a in generators])[0]
+    except ray.exceptions.RayActorError as err:
+        raise ModelLoadError(f"the generator actors could not load their model: {actor_cause(err)}") from None
+    return generators, detectors, info
+
+
+def actor_cause(err: BaseException) -> str:
+    """The original exception line out of a Ray actor-death error (its text embeds the traceback)."""
+    text = str(err)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if "Error:" in line and not line.startswith(("ray.", "File ")):
+            return line
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def actor_busy(stage: str, actors: list[Any], window_s: float, timeout_s: float = 10.0) -> list[ActorBusy]:
+    """Ask every actor of a stage how long it spent in its calls; an actor that is gone or does
+    not answer within timeout_s (its node died or lost its link) is left out, not waited on."""
+    import ray
+
+    if not actors:
+        return []
+    refs = {a.busy.remote(): i for i, a in enumerate(actors)}
+    ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in late:
+        log.warning("%s %d: no busy accounting (no answer within %g s)", stage, refs[ref], timeout_s)
+    out: list[ActorBusy] = []
+    for ref in ready:
+        try:
+            b = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - accounting only: a dead actor must not fail the build
+            log.warning("%s %d: no busy accounting (%s)", stage, refs[ref], short_error(err))
+            continue
+        frac = b["busy_s"] / window_s if window_s > 0 else 0.0
+        out.append(
+            ActorBusy(
+                stage, refs[ref], b["node_ip"], b["calls"], b["images"], b["busy_s"], b["active_s"], frac, b["gpu_ids"]
+            )
+        )
+    return sorted(out, key=lambda g: g.actor)
+
+
+def error_cause(err: BaseException) -> BaseException:
+    """The exception a shard raised, out of the RayTaskError that carries it to the driver."""
+    return getattr(err, "cause", None) or err
+
+
+def short_error(err: BaseException) -> str:
+    cause = error_cause(err)
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
