@@ -104,8 +104,11 @@ class GeneratorActor(_BusyMeter):
         super().__init__()
         self.generator = make_generator(FactoryConfig.model_validate(cfg_dict))
 
-    def info(self) -> dict[str, str]:
-        return {"name": self.generator.name, "version": self.generator.version}
+    def info(self) -> dict[str, Any]:
+        """Name and version (the samples' provenance tag), the image size it makes, and whether it
+        needs exemplars and masks with each batch."""
+        g = self.generator
+        return {"name": g.name, "version": g.version, "image_size": g.image_size, "needs_exemplars": g.needs_exemplars}
 
     def generate(self, batch: Any) -> Any:
         return self._metered(self.generator.generate, batch)
@@ -195,7 +198,7 @@ class ShardWorker:
         )
 
 
-def start_model_actors(cfg: FactoryConfig, num_generators: int) -> tuple[list[Any], list[Any], dict[str, str]]:
+def start_model_actors(cfg: FactoryConfig, num_generators: int) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Start the generator and detector actors and wait until each has loaded its model; returns
     (generators, detectors, the generator's name and version). A model that cannot load is one
     ModelLoadError naming it, not an actor-death traceback."""

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from detectors.panel import Detection
     from pipelines.prompts.types import Expansion
 
+    from .identities import Exemplar
+
 #: The fate of a candidate that passed every check and fits its shard's quotas.
 ACCEPTED = "accepted"
 
@@ -51,14 +53,16 @@ class SampleDetection:
 class Candidate:
     """A candidate's way through the graph: its spec, prompt, image, labels, detector outputs, scores and fate.
 
+    `exemplar` is what MAUGen is conditioned on (None for the puppet renderer, which needs none);
     `image`, `intensity` and `occurrence_prob` are the generator's output (None before generate, or
-    when the prompt check rejected it); `valid` says they hold no NaN/inf and no blank image;
+    when an earlier check rejected it); `valid` says they hold no NaN/inf and no blank image;
     `scores` holds each check's measured value, set by the check that measured it; `fate` is None
     while undecided, then ACCEPTED or the rejection reason.
     """
 
     spec: CandidateSpec
     expansion: Expansion | None = None
+    exemplar: Exemplar | None = None
     image: np.ndarray | None = None
     intensity: np.ndarray | None = None
     occurrence_prob: np.ndarray | None = None

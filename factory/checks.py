@@ -8,7 +8,8 @@ bench or a user's script judges images exactly as a build does.
 Each check reads only the record and the config and returns a Verdict: passed or not, and the
 score it measured (None for checks that measure none, or that had nothing to judge: realism
 without a realism model, consensus without detectors). `after` says which stage's output a check
-needs: "expand" checks run before the generator is asked (a rejected prompt costs no image).
+needs: "expand" and "exemplar" checks run before the generator is asked (a rejected prompt or an
+unusable exemplar costs no image).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Check:
 
     name: str
     stage: str
-    after: Literal["expand", "detect"]
+    after: Literal["expand", "exemplar", "detect"]
     fn: Callable[[Candidate, FactoryConfig], Verdict]
     doc: str
 
@@ -56,6 +57,10 @@ def label_consensus_jaccard(occ: np.ndarray, consensus_occ: np.ndarray, agree: n
 def _prompt_target(c: Candidate, cfg: FactoryConfig) -> Verdict:
     j = float(c.expansion.jaccard)
     return Verdict(j >= cfg.expand.tau, j)
+
+
+def _exemplar(c: Candidate, cfg: FactoryConfig) -> Verdict:
+    return Verdict(c.exemplar is None or c.exemplar.error is None)
 
 
 def _valid_image(c: Candidate, cfg: FactoryConfig) -> Verdict:
@@ -86,6 +91,8 @@ def _label_consensus(c: Candidate, cfg: FactoryConfig) -> Verdict:
 CHECKS: tuple[Check, ...] = (
     Check("prompt_target_jaccard", "expand", "expand", _prompt_target,
           "the prompt, parsed back to AUs, matches the target AUs (Jaccard >= expand.tau)"),
+    Check("exemplar", "exemplar", "exemplar", _exemplar,
+          "the identity's exemplar photo could be read and its face masked (pool identities)"),
     Check("invalid_image", "generate_valid", "detect", _valid_image,
           "the image and labels hold no NaN/inf and the image is not blank"),
     Check("realism", "realism", "detect", _realism,

@@ -3,6 +3,9 @@
 Everything that decides what a build writes lives here and is frozen into OUT/build.json; the
 `runtime` section (how many actors, how much memory) may change between a build and its resume
 because it changes speed, not bytes.
+
+Over 400 lines on purpose: one section class per config section, so the whole tree, its defaults and
+its one-line errors read in one place.
 """
 
 from __future__ import annotations
@@ -44,7 +47,15 @@ class BuildConfig(_Section):
         "plan.candidate_batch) and fails",
     )
     shard_retries: int = Field(2, ge=0, description="re-runs of a failed shard before it goes to OUT/failed/")
-    image_format: Literal["png", "jpg"] = "png"
+    image_size: int | None = Field(
+        None,
+        ge=32,
+        le=2048,
+        multiple_of=8,
+        description="corpus image size in px; null: the generator's own (puppet.image_size, or the size the MAUGen "
+        "checkpoint was trained at)",
+    )
+    image_format: Literal["png", "jpg"] = Field("png", description="png (lossless) or jpg (jpg_quality; far smaller)")
     jpg_quality: int = Field(95, ge=1, le=100)
     shard_prefix: str = Field("mifa", pattern=r"^[a-z][a-z0-9]*$")
     rejected_samples: int = Field(
@@ -108,12 +119,43 @@ def _weights(v: dict, allowed: tuple, what: str) -> dict:
 
 
 class PuppetConfig(_Section):
-    """The procedural renderer: the test domain's generator, and the identity exemplars of both generators."""
+    """The procedural renderer: the test domain's generator, and the exemplars of puppet identities."""
 
     image_size: Literal[64, 128, 256] = Field(
-        64, description="corpus image size (both generators; a MAUGen checkpoint must have been trained at it)"
+        64, description="the renderer's image size: the corpus size with generator=puppet"
     )
     supersample: int = Field(4, ge=1, le=8)
+
+
+class IdentitiesConfig(_Section):
+    """Where a build's identities come from (factory/identities.py)."""
+
+    source: Literal["puppet", "pool"] = Field(
+        "puppet", description="puppet: procedural identities (test domain); pool: real exemplar photos (identities.pool)"
+    )
+    pool: str | None = Field(
+        None, description="a folder of photos, a parquet or webdataset shards, local or s3:// (pipelines/identities/pool.py)"
+    )
+    split: Literal["build", "train", "all"] = Field(
+        "build", description="which side of the pool's split a build draws: a name-hash rule, see train_share"
+    )
+    train_share: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the pool (by sha256 of each name) kept for MAUGen training and never drawn by a build",
+    )
+    masks: Literal["auto", "user", "detector", "ellipse"] = Field(
+        "auto",
+        description="inpainting masks of pool exemplars: auto = the user's mask, else the face detector (a photo with "
+        "no face found is skipped); ellipse = a centred ellipse for every photo",
+    )
+
+    @model_validator(mode="after")
+    def _pool(self) -> IdentitiesConfig:
+        if self.source == "pool" and not self.pool:
+            raise ValueError("identities.source=pool needs identities.pool (a folder, parquet or webdataset of photos)")
+        return self
 
 
 class MAUGenGeneratorConfig(_Section):
@@ -240,6 +282,14 @@ class RuntimeConfig(_Section):
 RESUMABLE = ("runtime", "build.max_oversample", "build.shard_retries")
 
 
+#: Keys added after builds were made with this code: at their default (the behaviour before them)
+#: they stay out of the build identity, so those builds keep their id and still resume.
+ADDED_LATER: dict[str, Any] = {
+    "build.image_size": None,
+    "identities": {"source": "puppet", "pool": None, "split": "build", "train_share": 0.0, "masks": "auto"},
+}
+
+
 def resumable(key: str) -> bool:
     """Whether `factory resume --set key=...` may change this dotted key."""
     return any(key == r or key.startswith(r + ".") for r in RESUMABLE)
@@ -257,6 +307,7 @@ class FactoryConfig(_Section):
         description="maugen: a trained MAUGen (maugen.checkpoint, by default the shipped builtin:tiny-puppet); "
         "puppet: the exact procedural renderer (the test domain's ground truth; far faster on a CPU)",
     )
+    identities: IdentitiesConfig = IdentitiesConfig()
     puppet: PuppetConfig = PuppetConfig()
     maugen: MAUGenGeneratorConfig = MAUGenGeneratorConfig()
     detect: DetectConfig = DetectConfig()
@@ -267,6 +318,15 @@ class FactoryConfig(_Section):
     def _shards(self) -> FactoryConfig:
         if self.build.shard_size > 1_000_000:
             raise ValueError("build.shard_size above 1000000 would not fit a shard task's memory budget")
+        if self.generator == "puppet" and self.identities.source != "puppet":
+            raise ValueError(
+                "generator=puppet renders puppet identities only; a pool of photos needs generator=maugen"
+            )
+        if self.generator == "puppet" and self.build.image_size not in (None, self.puppet.image_size):
+            raise ValueError(
+                f"generator=puppet renders at puppet.image_size={self.puppet.image_size}; set build.image_size to "
+                "null or to puppet.image_size (64, 128 or 256)"
+            )
         return self
 
     def identity_dict(self) -> dict[str, Any]:
@@ -278,6 +338,13 @@ class FactoryConfig(_Section):
             for part in parents:
                 node = node[part]
             node.pop(name)
+        for key, default in ADDED_LATER.items():  # keys newer than a build leave its id alone at their default
+            *parents, name = key.split(".")
+            node = d
+            for part in parents:
+                node = node[part]
+            if node.get(name) == default:
+                node.pop(name)
         return d
 
     def identity_hash(self) -> str:

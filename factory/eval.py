@@ -37,13 +37,14 @@ from PIL import Image
 
 from core.facs import AUS, NUM_AUS
 
+from .config import FactoryConfig
+from .identities import identity_from_json, identity_source
 from .manifest import Build, open_build
 
 if TYPE_CHECKING:
     from detectors.features import FeatureNetwork
     from detectors.identity import OnnxIdentityEncoder
     from detectors.panel import DetectorPanel
-    from pipelines.puppet import PuppetRenderer
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +103,13 @@ def _collect(
     b: Build,
     panel: DetectorPanel,
     enc: OnnxIdentityEncoder,
-    renderer: PuppetRenderer,
+    refs: _References,
     features: FeatureNetwork,
     max_samples: int | None,
 ) -> _Collected:
     """Read the committed shards in order and run the detectors, encoder and feature network on them."""
     from detectors.identity import cosine
-    from pipelines.puppet import PuppetIdentity
 
-    neutral = np.zeros(NUM_AUS)
     c = _Collected()
     for name in sorted(b.state.committed):
         if max_samples is not None and c.n >= max_samples:
@@ -129,12 +128,43 @@ def _collect(
         c.agree.append(det.consensus.agree)
         if det.realism is not None:
             c.real.append(det.realism)
-        people = [PuppetIdentity.model_validate_json(s) for s in table.column("identity").to_pylist()]
-        exemplars = renderer.render_batch(people, np.tile(neutral, (len(people), 1)))
+        people = [identity_from_json(s) for s in table.column("identity").to_pylist()]
+        exemplars, references = refs(people, c.target[-1], images.shape[1])
         c.id_sim.append(cosine(enc.embed(images), enc.embed(exemplars)))
         c.feats_gen.append(features(images))
-        c.feats_ref.append(features(renderer.render_batch(people, c.target[-1])))
+        c.feats_ref.append(features(references))
     return c
+
+
+class _References:
+    """What eval compares a sample with: its identity's exemplar (identity similarity) and a reference
+    image (Frechet distance). Puppet identities: the neutral render and the render of the sample's
+    target, the ground truth; pool identities: the exemplar photo for both, real faces."""
+
+    def __init__(self, cfg: FactoryConfig):
+        self.cfg = cfg
+        self.pool = cfg.identities.source == "pool"
+        self.exemplar = (
+            "the exemplar photo of the sample's identity" if self.pool
+            else "the sample's identity rendered by the puppet renderer with all AUs at 0"
+        )
+        self.reference = (
+            "the exemplar photos of the samples' identities" if self.pool
+            else "puppet renders of each sample's identity and target AU vector"
+        )
+
+    def __call__(self, people: list, targets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        from pipelines.puppet import PuppetRenderer
+
+        if self.pool:
+            ex = identity_source(self.cfg).exemplars(people, size)
+            bad = [e.error for e in ex if e.error is not None]
+            if bad:
+                raise FileNotFoundError(f"eval: exemplars the build used cannot be read now: {bad[0]}")
+            images = np.stack([e.image for e in ex])
+            return images, images
+        renderer = PuppetRenderer(size=size, supersample=self.cfg.puppet.supersample)
+        return renderer.render_batch(people, np.zeros((len(people), NUM_AUS))), renderer.render_batch(people, targets)
 
 
 def evaluate(
@@ -153,7 +183,6 @@ def evaluate(
     from detectors.identity import OnnxIdentityEncoder
     from detectors.metrics import au_report
     from detectors.panel import DetectorPanel
-    from pipelines.puppet import PuppetRenderer
 
     b = open_build(out)
     cfg = b.cfg
@@ -163,10 +192,10 @@ def evaluate(
     real_ref = realism if realism is not None else cfg.detect.realism
     panel = DetectorPanel(det_refs, k, realism=real_ref, occurrence_threshold=thr, batch_size=batch_size)
     enc = OnnxIdentityEncoder(str(resolve(identity_encoder or cfg.detect.identity_encoder)), batch_size=batch_size)
-    renderer = PuppetRenderer(size=cfg.puppet.image_size, supersample=cfg.puppet.supersample)
     features = FeatureNetwork(feature_network, batch_size=batch_size)
+    refs = _References(cfg)
 
-    c = _collect(b, panel, enc, renderer, features, max_samples)
+    c = _collect(b, panel, enc, refs, features, max_samples)
     n = c.n
     if n == 0:
         raise FileNotFoundError(f"{out} has no committed shards yet: nothing to evaluate")
@@ -191,8 +220,8 @@ def evaluate(
             "per_au": {f"AU{a}": round(float(ag[:, i].mean()), 4) for i, a in enumerate(AUS)},
             "mean": round(float(ag.mean()), 4),
         },
-        "identity_similarity": _identity_section(enc, sim),
-        "frechet_distance": _frechet_section(features.name, fg, fr),
+        "identity_similarity": _identity_section(enc, sim, refs.exemplar),
+        "frechet_distance": _frechet_section(features.name, fg, fr, refs.reference),
         "definitions": DEFINITIONS,
     }
     if c.real:
@@ -201,11 +230,11 @@ def evaluate(
     return rep
 
 
-def _identity_section(enc: OnnxIdentityEncoder, sim: np.ndarray) -> dict[str, Any]:
+def _identity_section(enc: OnnxIdentityEncoder, sim: np.ndarray, exemplar: str) -> dict[str, Any]:
     """The identity-similarity block of the report, from per-sample cosines to the exemplars."""
     return {
         "encoder": enc.describe(),
-        "exemplar": "the sample's identity rendered by the puppet renderer with all AUs at 0",
+        "exemplar": exemplar,
         "mean": round(float(sim.mean()), 4),
         "quantiles": _quantiles(sim),
         "threshold": enc.verify_threshold,
@@ -213,13 +242,13 @@ def _identity_section(enc: OnnxIdentityEncoder, sim: np.ndarray) -> dict[str, An
     }
 
 
-def _frechet_section(feature_network: str, fg: np.ndarray, fr: np.ndarray) -> dict[str, Any]:
+def _frechet_section(feature_network: str, fg: np.ndarray, fr: np.ndarray, reference: str) -> dict[str, Any]:
     """The Frechet-distance block of the report; None where fewer than 2 samples make it undefined."""
     from detectors.metrics import frechet_distance
 
     return {
         "feature_network": feature_network,
-        "reference": "puppet renders of each sample's identity and target AU vector",
+        "reference": reference,
         "samples": len(fg),
         # identical sets give 0 up to sqrtm rounding, which can leave -1e-12
         "value": round(max(frechet_distance(fg, fr), 0.0), 6) if len(fg) >= 2 else None,

@@ -1,7 +1,9 @@
 """The generator interface of the generate stage, and the generators the config can select.
 
 A generator turns a batch of expanded candidates into images and AU labels. It is owned by a
-long-lived Ray actor (see graph.py) that loads it once; MAUGen implements the same `generate`.
+long-lived Ray actor (factory/actors.py) that loads it once. MAUGen is conditioned on each
+candidate's exemplar and inpainting mask, which the shard runner reads from the build's identity
+source (factory/identities.py) and sends with the batch; the puppet renderer needs neither.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,7 +31,9 @@ class GenerationBatch:
     seeds: np.ndarray  # int64 (B,)
     prompts: list[str]
     target: np.ndarray  # int8 (B, 12) target intensities v_pre
-    identities: list[PuppetIdentity]
+    identities: list[Any]  # PuppetIdentity or PoolIdentity (factory/identities.py)
+    exemplars: np.ndarray | None = None  # uint8 (B, S, S, 3): what MAUGen is conditioned on
+    masks: np.ndarray | None = None  # float32 (B, S, S): 1 where the face is generated
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -47,6 +51,8 @@ class GenerationResult:
 class Generator(Protocol):
     name: str
     version: str
+    image_size: int  # the corpus image size it makes
+    needs_exemplars: bool
 
     def generate(self, batch: GenerationBatch) -> GenerationResult: ...
 
@@ -55,13 +61,17 @@ class PuppetGenerator:
     """The procedural renderer as a generator: it renders the target exactly (exact labels)."""
 
     name = "puppet"
+    needs_exemplars = False
 
     def __init__(self, cfg: FactoryConfig):
+        self.image_size = cfg.puppet.image_size
         self.renderer = PuppetRenderer(size=cfg.puppet.image_size, supersample=cfg.puppet.supersample)
         self.threshold = cfg.labels.occurrence_threshold
         self.version = _module_hash("pipelines.puppet.renderer", "pipelines.puppet.identity")
 
     def generate(self, batch: GenerationBatch) -> GenerationResult:
+        if not all(isinstance(p, PuppetIdentity) for p in batch.identities):
+            raise ValueError("generator=puppet renders puppet identities only; a pool of photos needs generator=maugen")
         images = self.renderer.render_batch(batch.identities, batch.target.astype(np.float32))
         intensity = batch.target.astype(np.float32)
         occ = (intensity >= self.threshold).astype(np.float32)
@@ -69,15 +79,16 @@ class PuppetGenerator:
 
 
 class MAUGenGenerator:
-    """MAUGen as the generate stage: prompt + the identity's neutral exemplar -> image and labels.
+    """MAUGen as the generate stage: prompt + the identity's exemplar and mask -> image and labels.
 
-    The exemplar is the identity rendered with no AU active and the inpainting mask its face
-    region, so the puppet plan's identities drive MAUGen as they drive the renderer. Each sample
-    draws its noise from its own generator seeded by the sample's seed, so an image does not
-    depend on which batch it landed in (resume produces the same bytes).
+    It makes images at the size its checkpoint was trained at (its label decoder is sized for
+    it); `build.image_size`, when set, must name that size. Each sample draws its noise from its
+    own generator seeded by the sample's seed, so an image does not depend on which batch it
+    landed in (resume produces the same bytes).
     """
 
     name = "maugen"
+    needs_exemplars = True
 
     def __init__(self, cfg: FactoryConfig):
         import torch
@@ -99,26 +110,30 @@ class MAUGenGenerator:
                 f"maugen.checkpoint {path} could not be loaded ({type(e).__name__}: {e}); re-save it"
             ) from e
         native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        if native != cfg.puppet.image_size:  # its label decoder is sized for the trained resolution
+        want = cfg.build.image_size
+        if want is not None and native != want:  # its label decoder is sized for the trained resolution
             raise ValueError(
-                f"maugen.checkpoint {path} was trained at {native} px but puppet.image_size (the corpus image "
-                f"size) is {cfg.puppet.image_size}; set puppet.image_size={native} or use a checkpoint trained "
-                f"at {cfg.puppet.image_size} px"
+                f"maugen.checkpoint {path} was trained at {native} px but build.image_size is {want}; set "
+                f"build.image_size={native} (or null: the checkpoint's size) or use a checkpoint trained at {want} px"
             )
         set_scheduler(pipe, m.scheduler)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
         self.device = device
         self.cfg = m
-        self.size = cfg.puppet.image_size
-        self.renderer = PuppetRenderer(size=self.size, supersample=cfg.puppet.supersample)
+        self.image_size = native
         self.version = checkpoint_hash(path)[:12]
 
     def generate(self, batch: GenerationBatch) -> GenerationResult:
         import torch
 
         b = len(batch)
-        exemplars, masks = self.renderer.exemplars(batch.identities)
+        exemplars, masks = batch.exemplars, batch.masks
+        if exemplars is None or masks is None or len(exemplars) != b or exemplars.shape[1] != self.image_size:
+            raise ValueError(
+                f"MAUGen needs one {self.image_size} px exemplar and mask per sample in the batch (the shard runner "
+                "reads them from the identity source)"
+            )
         images, occ, inten = [], [], []
         step = self.cfg.batch_size
         for a in range(0, b, step):
@@ -132,8 +147,8 @@ class MAUGenGenerator:
                 guidance_interval=self.cfg.guidance_interval,
                 generator=gens,
                 mask_image=masks[sl],
-                height=self.size,
-                width=self.size,
+                height=self.image_size,
+                width=self.image_size,
             )
             images.append(out.images)
             occ.append(out.au_occurrence)

@@ -74,7 +74,7 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
             return layout, old
         if same_config and not new_build:
             raise BuildConfigMismatch(
-                f"{out} holds build {build_id} made with other model files (generator checkpoint or detectors) "
+                f"{out} holds build {build_id} made with other model files or photos (generator checkpoint, detectors or identity pool) "
                 f"(build.json: {old.get('models')}; now: {models}); refusing to mix corpora filtered by "
                 "different models. Restore those files, or start over with `factory build --out "
                 f"{out} --new-build` and this config"
@@ -127,8 +127,15 @@ def delete_build(layout: Layout) -> None:
 
 
 def model_hashes(cfg: FactoryConfig) -> dict[str, str]:
-    """sha256 of the MAUGen checkpoint and of every model file the filters use (checked again on resume)."""
+    """sha256 of the MAUGen checkpoint, of every model file the filters use and of the identity pool
+    (checked again on resume). Opening the pool here also checks it against the plan, before OUT is touched."""
     hashes: dict[str, str] = {}
+    if cfg.identities.source == "pool":
+        from .identities import identity_source
+
+        source = identity_source(cfg)
+        source.check_plan(cfg.plan)
+        hashes[f"identities:{cfg.identities.pool}"] = source.content_hash()
     if cfg.generator == "maugen":
         from pipelines.maugen.builtin import checkpoint_hash, resolve_checkpoint
 

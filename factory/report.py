@@ -24,7 +24,7 @@ from core.facs import AUS, EMOTIONS
 from .layout import TMP_PREFIX
 from .manifest import STATS_SUFFIX, Build, open_build
 from .plan import GRID
-from .report_data import ReportError, SampleAggregates, aggregate_shards, planned_crosstabs
+from .report_data import ReportError, SampleAggregates, aggregate_shards, identities_summary, planned_crosstabs, storage_summary
 from .report_samples import accepted_samples, rejected_samples
 from .checks import FUNNEL_ORDER, REASONS
 
@@ -282,6 +282,8 @@ def build_report(
         "balance": balance,
         "partial_emotions": {e: p.note for e, p in EMOTIONS.items() if p.partial},
         "expand": dict(sums["expand"]),
+        "identities": identities_summary(b.cfg, stats),
+        "storage": storage_summary(b.cfg, stats, n_accepted),
         "throughput": {
             "samples_per_s": n_accepted / wall if wall else None,
             "wall_s": wall,
@@ -301,6 +303,21 @@ def report_json(rep: dict[str, Any]) -> str:
     return json.dumps(rep, indent=1, default=float)
 
 
+def _print_identities_and_storage(con: Any, rep: dict[str, Any]) -> None:
+    ident, st = rep["identities"], rep["storage"]
+    if ident["source"] == "pool":
+        masks = ", ".join(f"{k} {v}" for k, v in sorted(ident["mask_sources"].items())) or "none"
+        con.print(f"identities: pool {ident['pool']}; masks: {masks}; exemplars skipped: {len(ident['skipped_exemplars'])}")
+        if ident["unbalanced_axes"]:
+            con.print(
+                f"[yellow]not balanced[/]: {', '.join(ident['unbalanced_axes'])} (the pool does not give them for "
+                "every photo; attributes.csv or the pool's columns can)"
+            )
+    if st["bytes_per_sample"] is not None:
+        q = f" quality {st['jpg_quality']}" if st["jpg_quality"] else ""
+        con.print(f"storage: {st['bytes_per_sample'] / 1e3:.1f} kB per sample ({st['image_format']}{q}, tar + parquet)")
+
+
 def print_report(rep: dict[str, Any]) -> None:
     """Terminal summary as rich tables."""
     from rich.console import Console
@@ -316,6 +333,7 @@ def print_report(rep: dict[str, Any]) -> None:
     )
     if rate is not None:
         con.print(f"kept {rate:.1%} of {rep['candidates']} candidates")
+    _print_identities_and_storage(con, rep)
     t = Table(title="funnel and rejections")
     t.add_column("stage / reason")
     t.add_column("count", justify="right")

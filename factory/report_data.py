@@ -9,6 +9,7 @@ a million rows is a few seconds.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -154,3 +155,35 @@ def planned_crosstabs(cell_totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     np.add.at(es, (emo, skin), cell_totals)
     np.add.at(ea, (emo, age), cell_totals)
     return es, ea
+
+
+def identities_summary(cfg: Any, stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where the identities came from; for a pool: mask sources, skipped exemplars and the plan axes
+    its attributes could not balance (their accepted counts then say `unknown`)."""
+    ic = cfg.identities
+    out: dict[str, Any] = {"source": ic.source, "pool": ic.pool}
+    if ic.source == "puppet":
+        return out
+    masks: dict[str, int] = defaultdict(int)
+    skipped: dict[str, dict[str, Any]] = {}
+    axes: set[str] = set()
+    for s in stats:
+        ident = s.get("identities", {})
+        axes.update(ident.get("unbalanced_axes", []))
+        for k, n in ident.get("mask_sources", {}).items():
+            masks[k] += int(n)
+        for name, v in ident.get("skipped_exemplars", {}).items():
+            skipped.setdefault(name, {"why": v["why"], "times": 0})["times"] += int(v["times"])
+    return out | {"unbalanced_axes": sorted(axes), "mask_sources": dict(masks), "skipped_exemplars": skipped}
+
+
+def storage_summary(cfg: Any, stats: list[dict[str, Any]], n_accepted: int) -> dict[str, Any]:
+    """Bytes on disk per accepted sample (tar + parquet), in the build's image format: what sizes a
+    million-sample corpus."""
+    total = sum(int(f.get("bytes", 0)) for s in stats for k, f in s.get("files", {}).items() if k in ("tar", "parquet"))
+    return {
+        "image_format": cfg.build.image_format,
+        "jpg_quality": cfg.build.jpg_quality if cfg.build.image_format == "jpg" else None,
+        "bytes": total,
+        "bytes_per_sample": total / n_accepted if n_accepted else None,
+    }

@@ -55,6 +55,8 @@ def accepted_sample(
         "scores": scores,
         "provenance": {"generator": gen_tag, "build_id": build_id},
     }
+    if cand.exemplar is not None and cand.exemplar.mask_source != "puppet":
+        meta["exemplar"] = {"mask_source": cand.exemplar.mask_source}
     row = {
         **_who(cand),
         "skin_group": spec.identity.skin_group,

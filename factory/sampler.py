@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.facs import AUS, EMOTIONS, NUM_AUS, STRENGTHS, au_index
-from pipelines.puppet.identity import PuppetIdentity, sample_identity
 
 from .config import FactoryConfig
+from .identities import Identity, identity_source
 from .plan import GRID, ShardSpec, derive_seed
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class CandidateSpec:
     emotion: str
     strength: int
     intensity: np.ndarray  # int8 (12,), target v_pre in AUS order
-    identity: PuppetIdentity
+    identity: Identity  # a procedural person, or an entry of the identity pool (factory/identities.py)
 
 
 def sample_target(rng: np.random.Generator, emotion: str, strength: int, extra_au_rate: float) -> np.ndarray:
@@ -75,9 +75,13 @@ def sample_target(rng: np.random.Generator, emotion: str, strength: int, extra_a
 class ShardSampler:
     """Draws candidates for one shard in rounds and keeps its quota accounting."""
 
-    def __init__(self, spec: ShardSpec, cfg: FactoryConfig):
+    def __init__(self, spec: ShardSpec, cfg: FactoryConfig, image_size: int | None = None):
         self.spec = spec
         self.cfg = cfg
+        self.identities = identity_source(cfg)
+        self.image_size = image_size or cfg.build.image_size or cfg.puppet.image_size
+        #: Pool exemplars passed over while drawing (unreadable, or no face found), with why.
+        self.skipped_exemplars: list[str] = []
         self.batch = cfg.plan.candidate_batch
         self.max_candidates = int(np.ceil(cfg.build.max_oversample * spec.size))
         self.accepted = np.zeros(GRID.size, dtype=np.int64)
@@ -147,7 +151,7 @@ class ShardSampler:
             intensity = np.where(rng.random(NUM_AUS) < 0.1, 1, 0).astype(np.int8)
         else:
             intensity = sample_target(rng, c.emotion, strength, self.cfg.plan.extra_au_rate)
-        identity = sample_identity(rng, skin_group=c.skin_group, age_group=c.age_group)
+        identity = self.identities.pick(rng, c.skin_group, c.age_group, self.image_size, self.skipped_exemplars)
         key = f"{self.spec.name}-{index:07d}"
         return CandidateSpec(key, self.spec.index, index, seed, cell, c.emotion, strength, intensity, identity)
 

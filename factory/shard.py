@@ -1,4 +1,4 @@
-"""One shard from candidates to committed files: draw -> expand -> generate -> detect -> checks -> write.
+"""One shard from candidates to committed files: draw -> expand -> exemplars -> generate -> detect -> checks -> write.
 
 This is the body of a small, idempotent shard task: given the same config and shard index it
 writes the same bytes, so a retry or a resume after a crash simply runs it again. Each round
@@ -30,6 +30,7 @@ from .candidate import ACCEPTED, Candidate, SampleDetection
 from .checks import FUNNEL, OVER_QUOTA, REASONS, first_failure
 from .config import FactoryConfig
 from .generators import GenerationBatch, GenerationResult, validate_result
+from .identities import identity_source
 from .layout import Layout
 from .plan import GRID, Plan, ShardSpec
 from .sample_meta import accepted_sample, rejected_sample
@@ -54,6 +55,7 @@ class Stages:
     """The stage functions of one shard, one per name in faults.STAGES (detect: None when off)."""
 
     expand: Callable[[list[ExpansionRequest]], tuple[list[Expansion], ExpandStats]]
+    exemplars: Callable[[list[Candidate]], None] | None  # None: the generator needs none
     generate: GenerateFn
     detect: DetectFn | None
     checks: Callable[[list[Candidate]], None]
@@ -84,22 +86,26 @@ def run_shard(
         raise ValueError("detect.enabled is true but no detect stage was given to run_shard")
     layout = Layout(out)
     spec = Plan(cfg).shard(index)
-    sampler = ShardSampler(spec, cfg)
-    expander = make_expander(cfg.expand, cache_dir=layout.cache_dir)
     info = generator_info or {}
     gen_tag = f"{info.get('name', cfg.generator)}@{info.get('version', '?')}"
+    size = int(info.get("image_size", cfg.puppet.image_size))
+    sampler = ShardSampler(spec, cfg, size)
+    expander = make_expander(cfg.expand, cache_dir=layout.cache_dir)
     writer = ShardWriter(layout, spec.name, cfg.build.image_format, cfg.build.jpg_quality)
     try:
         ledger = ShardLedger(cfg, spec, writer, gen_tag, build_id)
+        exemplars = ledger.exemplar_reader(size) if info.get("needs_exemplars", cfg.generator != "puppet") else None
         stages = faults.wrap(
-            Stages(expander.expand_batch, generate, detect, ledger.judge, ledger.write), index, ledger.injected
+            Stages(expander.expand_batch, exemplars, generate, detect, ledger.judge, ledger.write),
+            index,
+            ledger.injected,
         )
         while not sampler.done:
             specs = sampler.draw()
             if not specs:
                 break
             cands = [Candidate(s) for s in specs]
-            _run_round(cands, stages, cfg, ledger)
+            _run_round(cands, stages, cfg, ledger, size)
             passed = np.array([c.fate is None for c in cands], dtype=bool)
             keep = sampler.record(specs, passed)
             for c, ok, kept in zip(cands, passed, keep):
@@ -113,6 +119,7 @@ def run_shard(
             if on_round is not None:
                 on_round(ledger.accepted, sampler.drawn)
         t = time.perf_counter()
+        ledger.skipped_exemplars.update(sampler.skipped_exemplars)
         stats = ledger.stats(sampler, attempt, node)
         ledger.timings["write"] += time.perf_counter() - t
         stats["timings"] = {k: round(v, 4) for k, v in ledger.timings.items()} | {
@@ -125,8 +132,9 @@ def run_shard(
         raise
 
 
-def _run_round(cands: list[Candidate], stages: Stages, cfg: FactoryConfig, ledger: ShardLedger) -> None:
-    """Expand, generate and detect one round's candidates and judge them; rejected ones get their fate."""
+def _run_round(cands: list[Candidate], stages: Stages, cfg: FactoryConfig, ledger: ShardLedger, size: int) -> None:
+    """Expand, read exemplars, generate and detect one round's candidates and judge them; rejected
+    ones get their fate."""
     with ledger.timed("expand"):
         expansions, st = stages.expand([_request(c) for c in cands])
     ledger.expand_stats = st if ledger.expand_stats is None else ledger.expand_stats + st
@@ -136,6 +144,13 @@ def _run_round(cands: list[Candidate], stages: Stages, cfg: FactoryConfig, ledge
             if first_failure(c, cfg, after="expand") is not None:
                 ledger.reject(c)
     todo = [c for c in cands if c.fate is None]
+    if todo and stages.exemplars is not None:
+        with ledger.timed("exemplars"):
+            stages.exemplars(todo)
+        for c in todo:
+            if first_failure(c, cfg, after="exemplar") is not None:
+                ledger.reject(c)
+        todo = [c for c in todo if c.fate is None]
     if not todo:
         return
     with ledger.timed("generate"):
@@ -145,9 +160,11 @@ def _run_round(cands: list[Candidate], stages: Stages, cfg: FactoryConfig, ledge
             prompts=[c.expansion.text for c in todo],
             target=np.stack([c.spec.intensity for c in todo]),
             identities=[c.spec.identity for c in todo],
+            exemplars=np.stack([c.exemplar.image for c in todo]) if stages.exemplars is not None else None,
+            masks=np.stack([c.exemplar.mask for c in todo]) if stages.exemplars is not None else None,
         )
         result = stages.generate(batch)
-    valid = validate_result(result, batch, cfg.puppet.image_size)
+    valid = validate_result(result, batch, size)
     for j, c in enumerate(todo):
         c.image, c.intensity, c.occurrence_prob = result.images[j], result.intensity[j], result.occurrence_prob[j]
         c.valid = bool(valid[j])
@@ -182,7 +199,11 @@ class ShardLedger:
         self.expand_stats: ExpandStats | None = None
         self.per_au = {k: np.zeros(NUM_AUS) for k in ("target_occ", "target_int", "occ", "int")}
         self.cells_kept = np.zeros(GRID.size, dtype=np.int64)
+        self.kept_by: dict[str, Counter[str]] = {k: Counter() for k in ("emotions", "skin_groups", "age_groups")}
         self.injected: dict[str, list[str]] = {}
+        self.identities = identity_source(cfg)
+        self.mask_sources: Counter[str] = Counter()
+        self.skipped_exemplars: Counter[str] = Counter()  # why each unusable exemplar was passed over -> times
 
     @property
     def accepted(self) -> int:
@@ -207,6 +228,20 @@ class ShardLedger:
             meta, image = rejected_sample(cand, self.thr, self.gen_tag, self.build_id)
             self.writer.keep_rejected(cand.key, meta, image)
 
+    def exemplar_reader(self, size: int) -> Callable[[list[Candidate]], None]:
+        """The exemplar stage: each candidate's exemplar and mask from the identity source, at `size`."""
+
+        def read(cands: list[Candidate]) -> None:
+            for c, ex in zip(cands, self.identities.exemplars([c.spec.identity for c in cands], size)):
+                c.exemplar = ex
+                if ex.error is not None:
+                    self.skipped_exemplars[ex.error] += 1
+                    log.warning("shard %s: %s: exemplar skipped (%s)", self.spec.name, c.key, ex.error)
+                else:
+                    self.mask_sources[ex.mask_source] += 1
+
+        return read
+
     def judge(self, cands: list[Candidate]) -> None:
         """The checks that need the generated sample, in order; each rejection is counted."""
         for c in cands:
@@ -223,6 +258,10 @@ class ShardLedger:
             self.per_au["occ"] += c.occurrence
             self.per_au["int"] += c.intensity
             self.cells_kept[c.spec.cell] += 1
+            ident = c.spec.identity
+            self.kept_by["emotions"][c.spec.emotion] += 1
+            self.kept_by["skin_groups"][_group(ident.skin_group)] += 1
+            self.kept_by["age_groups"][_group(ident.age_group)] += 1
 
     def stats(self, sampler: ShardSampler, attempt: int, node: dict[str, str] | None) -> dict[str, Any]:
         """The stats marker's content, less the timings; a shard that kept other than its size is an error."""
@@ -237,9 +276,7 @@ class ShardLedger:
             "rejected_examples": {r: v for r, v in self.examples.items() if v},
             "funnel": _funnel(sampler.drawn, self.rejected, int(sampler.passed.sum()), self.accepted),
             "per_au": {k: v.tolist() for k, v in self.per_au.items()},
-            "emotions": _counts(GRID.emotion_of, GRID.emotions, self.cells_kept),
-            "skin_groups": _counts(GRID.skin_of, range(GRID.skin_groups), self.cells_kept),
-            "age_groups": _counts(GRID.age_of, GRID.age_groups, self.cells_kept),
+            **{dim: self._kept(dim, names) for dim, names in _AXES.items()},
             "planned": {
                 "emotions": _counts(GRID.emotion_of, GRID.emotions, spec.quotas),
                 "skin_groups": _counts(GRID.skin_of, range(GRID.skin_groups), spec.quotas),
@@ -254,9 +291,42 @@ class ShardLedger:
         }
         if self.injected:
             stats["injected"] = self.injected
+        if self.identities.kind != "puppet":
+            stats["identities"] = {
+                "source": self.identities.kind,
+                "unbalanced_axes": self.identities.unbalanced_axes(),
+                "mask_sources": dict(sorted(self.mask_sources.items())),
+                "skipped_exemplars": _skipped(self.skipped_exemplars),
+            }
         if self.accepted != spec.size:
             raise RuntimeError(f"shard {spec.name} kept {self.accepted} samples, planned {spec.size}")
         return stats
+
+
+    def _kept(self, dim: str, names: Any) -> dict[str, int]:
+        """Accepted samples per group of one plan axis, by each sample's own identity (a pool entry
+        without that attribute counts as `unknown`)."""
+        counts = self.kept_by[dim]
+        out = {str(n): int(counts[str(n)]) for n in names}
+        if counts["unknown"]:
+            out["unknown"] = int(counts["unknown"])
+        return out
+
+
+_AXES: dict[str, Any] = {"emotions": GRID.emotions, "skin_groups": range(GRID.skin_groups), "age_groups": GRID.age_groups}
+
+
+def _skipped(errors: Counter[str]) -> dict[str, dict[str, Any]]:
+    """{exemplar name: {why, times}} of the pool exemplars passed over (errors read "NAME: why")."""
+    out: dict[str, dict[str, Any]] = {}
+    for err, n in errors.most_common(REJECTED_EXAMPLES):
+        name, _, why = err.partition(": ")
+        out[name] = {"why": why, "times": int(n)}
+    return out
+
+
+def _group(value: Any) -> str:
+    return "unknown" if value is None else str(value)
 
 
 def _funnel(drawn: int, rejected: Counter[str], passed: int, accepted: int) -> dict[str, int]:

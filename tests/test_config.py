@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from factory.config import ConfigError, FactoryConfig, load_config
+from factory.config import ConfigError, FactoryConfig, config_from_dict, load_config
 from factory.record import BuildConfigMismatch, prepare_output
 
 
@@ -29,7 +29,7 @@ def test_defaults_and_overrides(tmp_path):
         ("build.shard_size=-3", "build.shard_size"),
         ("build.shard_size=abc", "build.shard_size"),
         ("build.image_format=gif", "build.image_format"),
-        ("build.shardsize=10", "build.shardsize: unknown key; allowed here: image_format, jpg_quality"),
+        ("build.shardsize=10", "build.shardsize: unknown key; allowed here: image_format, image_size, jpg_quality"),
         ("bogus.x=1", "bogus: unknown key; allowed here: build, checks"),
         ("plan.emotions={joy: 1}", "unknown emotion 'joy'; allowed: neutral, happiness"),
         ("plan.skin_groups=[1, 1]", "plan.skin_groups"),
@@ -121,7 +121,8 @@ def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
             out |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {prefix + k}
         return out
 
-    cfg = FactoryConfig()
+    # keys added later leave the identity at their default (see the test below), so set them here
+    cfg = FactoryConfig.model_validate({"build": {"image_size": 128}, "identities": {"source": "pool", "pool": "/p"}})
     everything, identity = keys(cfg.model_dump(mode="json")), keys(cfg.identity_dict())
     assert {k for k in everything if resumable(k)} == everything - identity
     assert {"runtime.num_generators", "build.max_oversample", "build.shard_retries"} <= everything - identity
@@ -143,3 +144,33 @@ def test_detector_threads_follow_the_actor_cpu_share():
     assert load_config(None, ["runtime.detector_cpus=2"]).runtime.detector_threads_used == 2
     assert load_config(None, ["runtime.detector_cpus=0.25"]).runtime.detector_threads_used == 1
     assert load_config(None, ["runtime.detector_threads=3"]).runtime.detector_threads_used == 3
+
+
+def test_keys_added_later_leave_the_build_id_alone_at_their_default():
+    """A build made before `identities` and `build.image_size` existed keeps its id (and resumes)."""
+    from factory.config import ADDED_LATER
+
+    cfg = FactoryConfig()
+    assert cfg.identities.model_dump(mode="json") == ADDED_LATER["identities"]
+    assert cfg.build.image_size is ADDED_LATER["build.image_size"]
+    ident = cfg.identity_dict()
+    assert "identities" not in ident and "image_size" not in ident["build"]
+    pool = FactoryConfig.model_validate({"identities": {"source": "pool", "pool": "/photos"}})
+    assert pool.identity_dict()["identities"]["pool"] == "/photos" and pool.identity_hash() != cfg.identity_hash()
+    sized = FactoryConfig.model_validate({"build": {"image_size": 512}})
+    assert sized.identity_dict()["build"]["image_size"] == 512 and sized.identity_hash() != cfg.identity_hash()
+
+
+@pytest.mark.parametrize(
+    "tree, must_contain",
+    [
+        ({"identities": {"source": "pool"}}, "needs identities.pool"),
+        ({"generator": "puppet", "identities": {"source": "pool", "pool": "/p"}}, "a pool of photos needs generator=maugen"),
+        ({"generator": "puppet", "build": {"image_size": 512}}, "renders at puppet.image_size=64"),
+        ({"build": {"image_size": 100}}, "multiple of 8"),
+    ],
+)
+def test_identity_and_size_config_errors(tree, must_contain):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(tree)
+    assert must_contain in str(e.value) and "\n" not in str(e.value).strip()

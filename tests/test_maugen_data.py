@@ -24,7 +24,6 @@ from pipelines.maugen.data import (
     BP4DDataset,
     DisfaDataset,
     FaceSample,
-    IdentityBank,
     PuppetFaceDataset,
     bp4d_split,
     collate,
@@ -416,29 +415,6 @@ def test_bp4d_split_and_errors(bp4d_root, tmp_path):
     (root / "AUCoding/AU_OCC/F001_T2.csv").write_text(",".join(map(str, OCC_HEADER)) + "\n1,0,1\n")
     with pytest.raises(ValueError, match=r"F001_T2\.csv:2: malformed row"):
         BP4DDataset(root, subjects=["F001"])
-
-
-# ----------------------------------------------------------------------------------------------
-# identity bank
-
-
-def test_identity_bank(tmp_path):
-    _write_frame(tmp_path / "bank/b.jpg", (200, 10, 10), size=(30, 20))
-    _write_frame(tmp_path / "bank/a.png", (10, 200, 10), size=(20, 30))
-    (tmp_path / "bank/notes.txt").write_text("ignored")
-    bank = IdentityBank(tmp_path / "bank", size=16)
-    assert len(bank) == 2 and bank.names == ["a.png", "b.jpg"]
-    name, img = bank[0]
-    assert name == "a.png" and img.shape == (16, 16, 3) and img.dtype == np.uint8 and tuple(img[8, 8]) == (10, 200, 10)
-
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no images"):
-        IdentityBank(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        IdentityBank(tmp_path / "missing")
-    (tmp_path / "bank/broken.webp").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"cannot read image .*broken\.webp"):
-        IdentityBank(tmp_path / "bank")
 
 
 # ----------------------------------------------------------------------------------------------

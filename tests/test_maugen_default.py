@@ -159,9 +159,11 @@ def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
     factory("verify", str(out), check=True)
 
 
-def test_a_checkpoint_trained_at_another_size_than_the_corpus_is_refused():
+def test_the_corpus_size_is_the_checkpoint_s_and_another_build_image_size_is_refused():
     from factory.generators import MAUGenGenerator
 
-    with pytest.raises(ValueError, match=r"trained at 64 px but puppet.image_size .* is 128; set puppet.image_size=64"):
-        MAUGenGenerator(load_config(None, ["generator=maugen", "puppet.image_size=128"]))
-    assert MAUGenGenerator(load_config(None, ["generator=maugen"])).size == 64
+    with pytest.raises(ValueError, match=r"trained at 64 px but build.image_size is 128; set build.image_size=64"):
+        MAUGenGenerator(load_config(None, ["generator=maugen", "build.image_size=128"]))
+    # puppet.image_size is the renderer's size, not the corpus': MAUGen makes what it was trained at
+    assert MAUGenGenerator(load_config(None, ["generator=maugen", "puppet.image_size=128"])).image_size == 64
+    assert MAUGenGenerator(load_config(None, ["generator=maugen", "build.image_size=64"])).image_size == 64

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipelines.identities.images import load_face
 from pipelines.maugen.data.bp4d import BP4D_FOLDS, BP4D_SUBJECT, BP4D_SUBJECTS, BP4DDataset, bp4d_split
 from pipelines.maugen.data.disfa import DISFA_FOLDS, DISFA_SUBJECTS, DisfaDataset, disfa_split, extract_frames
-from pipelines.maugen.data.identity_bank import IdentityBank, load_face
 from pipelines.maugen.data.prompting import describe
 from pipelines.maugen.data.puppet import PuppetFaceDataset
 from pipelines.maugen.data.types import FaceSample
@@ -25,7 +25,6 @@ __all__ = [
     "BP4DDataset",
     "DisfaDataset",
     "FaceSample",
-    "IdentityBank",
     "PuppetFaceDataset",
     "bp4d_split",
     "collate",

@@ -13,7 +13,7 @@ its frame in the video, so labels still line up). Decoding video inside a DataLo
 and non-random-access; pre-extracted frames are read in any order.
 
 DISFA has no face masks: every sample's mask is all ones (the whole image is the face region). The
-image is a centre square crop of the frame, resized (`identity_bank.load_face`). Occurrence follows
+image is a centre square crop of the frame, resized (`pipelines/identities/images.py`). Occurrence follows
 the DISFA protocol: intensity >= 2 (core.facs.DEFAULT_OCCURRENCE_THRESHOLD).
 """
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.maugen.data.identity_bank import load_face
+from pipelines.identities.images import load_face
 from pipelines.maugen.data.prompting import describe
 from pipelines.maugen.data.types import FaceSample
 

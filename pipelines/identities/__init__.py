@@ -1,0 +1,1 @@
+"""Real identity exemplars: pools of photos and their inpainting masks."""
