@@ -85,11 +85,24 @@ def build(
     except ConfigError as err:
         _fail(str(err))
     if dry_run:
-        from .plan import Plan
-
-        typer.echo(json.dumps(Plan(cfg).summary(), indent=1))
+        typer.echo(json.dumps(_dry_run(cfg), indent=1))
         return
     _run(cfg, out, new_build)
+
+
+def _dry_run(cfg: FactoryConfig) -> dict:
+    """The plan, and for MAUGen the memory of one generator actor (weights at maugen.dtype): no Ray, no weights read."""
+    from .plan import Plan
+
+    out = Plan(cfg).summary()
+    if cfg.generator == "maugen":
+        from pipelines.maugen.memory import generator_memory
+
+        try:
+            out["generator_actor"] = generator_memory(cfg.maugen.checkpoint, cfg.maugen.dtype)
+        except FileNotFoundError as err:
+            _fail(str(err))
+    return out
 
 
 @app.command()

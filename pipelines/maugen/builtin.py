@@ -18,6 +18,11 @@ BUILTIN_CHECKPOINTS: dict[str, str] = {"tiny-puppet": "pipelines/maugen/configs/
 
 def resolve_checkpoint(ref: str) -> Path:
     """`builtin:tiny-puppet` -> the packaged pipeline directory; a path must hold a saved MAUGenPipeline."""
+    if ref.startswith("meta:"):
+        raise FileNotFoundError(
+            f"maugen.checkpoint {ref} has no weights: it sizes `factory build --dry-run` only; train a MAUGen "
+            "(`factory train --set model.base=SD_DIR ...`) and point maugen.checkpoint at OUT/final"
+        )
     if ref.startswith(PREFIX):
         name = ref[len(PREFIX) :]
         if name not in BUILTIN_CHECKPOINTS:
