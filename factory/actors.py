@@ -8,6 +8,7 @@ the seconds spent inside their calls (`busy`), so a build can say which stage he
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +96,20 @@ class _BusyMeter:
         }
 
 
+def quiet_libraries() -> None:
+    """Keep diffusers' and transformers' loading bars and info lines out of the user's terminal (Ray
+    forwards every actor's output there); MIFA_VERBOSE=1 (`factory build -v`) keeps them."""
+    if os.environ.get("MIFA_VERBOSE"):
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 class GeneratorActor(_BusyMeter):
     """Owns one generator (model loaded once) and serves batches to shard tasks."""
 
@@ -102,6 +117,7 @@ class GeneratorActor(_BusyMeter):
         from .generators import make_generator
 
         super().__init__()
+        quiet_libraries()
         self.generator = make_generator(FactoryConfig.model_validate(cfg_dict))
 
     def info(self) -> dict[str, Any]:

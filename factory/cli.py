@@ -23,6 +23,8 @@ DEFAULT_OUT = "mifa-out"
 
 
 def _setup_logging(verbose: bool) -> None:
+    if verbose:
+        os.environ["MIFA_VERBOSE"] = "1"  # actors keep their libraries' output (factory/actors.py)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -55,6 +57,24 @@ def _finish(summary) -> None:  # noqa: ANN001 - BuildSummary, imported lazily
         raise typer.Exit(1)
     if not summary.ok:
         raise typer.Exit(1)
+    _how_to_read(summary)
+
+
+def _how_to_read(summary) -> None:  # noqa: ANN001 - BuildSummary, imported lazily
+    """Where the corpus is and the next commands a user runs on it."""
+    out, last, prefix = summary.out.rstrip("/"), summary.num_shards - 1, summary.shard_prefix
+    shards = f"{out}/shards/{prefix}-{{000000..{last:06d}}}.tar" if last else f"{out}/shards/{prefix}-000000.tar"
+    if out.startswith("s3://"):
+        shards = f"pipe:aws s3 cp {shards} -"
+    typer.echo(
+        f"corpus: {summary.accepted} samples in {summary.num_shards} shards under {out}/shards (KEY.png|jpg, KEY.json, "
+        f"KEY.au.npy; one parquet row per sample beside each tar)\n"
+        f"read it:  python -c \"import webdataset as wds; s = next(iter(wds.WebDataset('{shards}', shardshuffle=False).decode('rgb8'))); "
+        f"print(s['__key__'], s['json']['prompt'])\"\n"
+        f"inspect:  factory report {out} --html report.html\n"
+        f"check:    factory verify {out}",
+        err=True,
+    )
 
 
 SetOpt = Annotated[

@@ -30,8 +30,10 @@ def init_ray(cfg: FactoryConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
-    env_vars = {k: v for k, v in os.environ.items() if k in ("MIFA_FAULTS", "MIFA_INJECT")}
+    verbose = bool(os.environ.get("MIFA_VERBOSE"))
+    # Ray's own notices (token auth on, the local IP it guessed) are for -v; errors always show
+    kwargs: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR}
+    env_vars = {k: v for k, v in os.environ.items() if k in ("MIFA_FAULTS", "MIFA_INJECT", "MIFA_VERBOSE")}
     if env_vars:
         kwargs["runtime_env"] = {"env_vars": env_vars}
     if not os.environ.get("RAY_ADDRESS"):

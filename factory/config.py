@@ -274,6 +274,9 @@ class RuntimeConfig(_Section):
         idle) fights the generator and shard workers for CPUs the actor did not reserve."""
         return self.detector_threads or max(1, round(self.detector_cpus))
     progress: bool = True
+    progress_trace: str | None = Field(
+        None, description="append every progress update (time, accepted, in flight) to this JSONL file"
+    )
 
 
 #: What a resume may change, and so what the build identity leaves out: the `runtime` section (how the

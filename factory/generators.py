@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -104,7 +106,7 @@ class MAUGenGenerator:
         if device == "cpu" and dtype != torch.float32:
             raise ValueError(f"maugen.dtype={m.dtype} needs a GPU; use float32 on the CPU")
         try:
-            pipe = MAUGenPipeline.from_pretrained(path, torch_dtype=dtype)
+            pipe = MAUGenPipeline.from_pretrained(path, dtype=dtype)
         except Exception as e:
             raise ValueError(
                 f"maugen.checkpoint {path} could not be loaded ({type(e).__name__}: {e}); re-save it"
@@ -125,17 +127,27 @@ class MAUGenGenerator:
         self.version = checkpoint_hash(path)[:12]
 
     def generate(self, batch: GenerationBatch) -> GenerationResult:
-        import torch
-
         b = len(batch)
-        exemplars, masks = batch.exemplars, batch.masks
-        if exemplars is None or masks is None or len(exemplars) != b or exemplars.shape[1] != self.image_size:
+        if batch.exemplars is None or batch.masks is None or len(batch.exemplars) != b or (
+            batch.exemplars.shape[1] != self.image_size
+        ):
             raise ValueError(
                 f"MAUGen needs one {self.image_size} px exemplar and mask per sample in the batch (the shard runner "
                 "reads them from the identity source)"
             )
+        with warnings.catch_warnings():
+            # the text encoder cuts prompts longer than it reads: a property of the checkpoint, which
+            # the user of a build cannot act on (pipelines/maugen/core.py warns library users; -v shows it)
+            if not os.environ.get("MIFA_VERBOSE"):
+                warnings.filterwarnings("ignore", message="prompts longer than the text encoder", category=UserWarning)
+            return self._sample(batch)
+
+    def _sample(self, batch: GenerationBatch) -> GenerationResult:
+        import torch
+
+        b, step = len(batch), self.cfg.batch_size
+        exemplars, masks = batch.exemplars, batch.masks
         images, occ, inten = [], [], []
-        step = self.cfg.batch_size
         for a in range(0, b, step):
             sl = slice(a, min(b, a + step))
             gens = [torch.Generator(device=self.device).manual_seed(int(s)) for s in batch.seeds[sl]]
@@ -149,6 +161,7 @@ class MAUGenGenerator:
                 mask_image=masks[sl],
                 height=self.image_size,
                 width=self.image_size,
+                on_nonfinite="mark",  # a NaN sample is rejected as invalid_image; the rest of its batch is kept
             )
             images.append(out.images)
             occ.append(out.au_occurrence)

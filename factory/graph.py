@@ -20,7 +20,7 @@ from typing import Any
 
 from .actors import ActorBusy, actor_busy, error_cause, short_error, start_model_actors
 from .cluster import check_resources, client_auth_mode, generator_count, init_ray
-from .config import FactoryConfig
+from .config import ConfigError, FactoryConfig
 from .layout import Layout
 from .manifest import clean_uncommitted, clear_failure, record_failure, scan
 from .plan import Plan
@@ -38,6 +38,7 @@ class BuildSummary:
     build_id: str
     target: int
     num_shards: int
+    shard_prefix: str = "mifa"
     committed: int = 0
     accepted: int = 0
     skipped: int = 0
@@ -71,12 +72,13 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     import ray
 
     t0 = time.time()
+    _preflight_expander(cfg)
     layout, record = prepare_output(cfg, out, new_build=new_build)
     build_id = record["build_id"]
     plan = Plan(cfg)
     state = scan(layout, build_id)
     clean_uncommitted(layout, state.committed)
-    summary = BuildSummary(out, build_id, plan.target, plan.num_shards)
+    summary = BuildSummary(out, build_id, plan.target, plan.num_shards, cfg.build.shard_prefix)
     summary.skipped = summary.committed = len(state.committed)
     summary.accepted = sum(int(s.get("samples", 0)) for s in state.committed.values())
     pending = deque(i for i in range(plan.num_shards) if plan.shard_name(i) not in state.committed)
@@ -100,6 +102,20 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
             ray.shutdown()
     summary.seconds = time.time() - t0
     return summary
+
+
+def _preflight_expander(cfg: FactoryConfig) -> None:
+    """An LLM expander's endpoint is asked once before anything is written: a wrong key, model or URL
+    stops the build in one line (the grammar expander has nothing to check)."""
+    if cfg.expand.backend != "llm":
+        return
+    from pipelines.prompts import make_expander
+    from pipelines.prompts.llm import LLMConfigError
+
+    try:
+        make_expander(cfg.expand).preflight()
+    except LLMConfigError as err:
+        raise ConfigError(f"config error: {err}") from None
 
 
 def _run_on_ray(
@@ -161,7 +177,9 @@ class _Scheduler:
         self.cfg_ref, self.info, self.pending, self.committed = cfg_ref, info, pending, committed
         self.in_flight: dict[Any, InFlight] = {}
         self.attempts: dict[int, int] = {}
-        self.progress = BuildProgress(plan.target, plan.num_shards, enabled=cfg.runtime.progress)
+        self.progress = BuildProgress(
+            plan.target, plan.num_shards, enabled=cfg.runtime.progress, trace=cfg.runtime.progress_trace
+        )
         self.t_first: float | None = None
 
     def run(self) -> None:

@@ -8,6 +8,7 @@ config or other model files is refused, so one corpus never mixes two builds (do
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from importlib import metadata
@@ -71,6 +72,7 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
         old_identity = old["identity"]
         same_config = old.get("build_id") == build_id and old_identity == cfg.identity_dict()
         if same_config and old.get("models", {}) == models:
+            _check_injection(old, out)
             return layout, old
         if same_config and not new_build:
             raise BuildConfigMismatch(
@@ -96,9 +98,24 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
         "models": models,
         "plan": {"target": plan.target, "shard_size": plan.shard_size, "num_shards": plan.num_shards},
         "versions": versions(),
+        # chaos testing (factory/faults.py): MIFA_INJECT spoils samples, so it changes what the corpus holds
+        "faults": {k: os.environ[k] for k in FAULT_ENV if os.environ.get(k)},
     }
     layout.write_json_atomic(layout.build_json, record)
     return layout, record
+
+
+FAULT_ENV = ("MIFA_FAULTS", "MIFA_INJECT")
+
+
+def _check_injection(record: dict[str, Any], out: str) -> None:
+    """A resume spoils samples exactly as the build did (MIFA_INJECT), or the corpus would mix two kinds."""
+    was, now = record.get("faults", {}).get("MIFA_INJECT"), os.environ.get("MIFA_INJECT") or None
+    if was != now:
+        raise BuildConfigMismatch(
+            f"{out} was built with MIFA_INJECT={was or '(unset)'} (build.json) but this run has "
+            f"MIFA_INJECT={now or '(unset)'}; resume with the same MIFA_INJECT, or start over with --new-build"
+        )
 
 
 def _existing_record(layout: Layout, new_build: bool) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -42,6 +43,20 @@ def factory(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
             f"factory {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         )
     return proc
+
+
+def factory_on_a_terminal(*args: str, timeout: float = 600) -> tuple[int, str]:
+    """Run `python -m factory.cli ARGS` on a pseudo-terminal (util-linux `script`), as a person at a
+    terminal sees it; returns (exit code, everything it printed, ANSI codes and all)."""
+    env = dict(os.environ)
+    for k in ("MIFA_FAULTS", "MIFA_INJECT", "MIFA_VERBOSE"):
+        env.pop(k, None)
+    command = shlex.join([sys.executable, "-m", "factory.cli", *args])
+    proc = subprocess.run(
+        ["script", "-qfec", command, "/dev/null"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def shard_stats(out: Path) -> dict[str, dict]:

@@ -11,7 +11,13 @@
     "slow"            the good reply after `slow_s` seconds
     "error_500"       500
     "reject_format"   400 when the request carries response_format, else good
+    "unauthorized"    401 (a wrong API key)
+    "no_model"        404 (an unknown model)
+    "html"            200 with an HTML page (a proxy's login page), not a chat completion
     a callable        f(request_body) -> Response
+
+A request without a target block (the factory's preflight, "Reply with OK.") gets `ping` instead
+("ok" by default, or any behaviour above) and is kept in `pings`, not `requests`.
 
 The target is read from the JSON block after "TARGET:" in the last user message that has one, so
 the server never shares code with the expander it tests. It writes its own descriptions with a
@@ -56,6 +62,7 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     error: str = "error"
+    html: str | None = None  # a 200 text/html body instead of a chat completion
 
 
 def target_of(body: dict[str, Any]) -> dict[str, int]:
@@ -86,6 +93,8 @@ class FakeOpenAIServer:
         self.default = default
         self.script: deque[str | Callable[[dict[str, Any]], Response]] = deque()
         self.requests: list[dict[str, Any]] = []
+        self.ping: str | Callable[[dict[str, Any]], Response] = "ok"
+        self.pings: list[dict[str, Any]] = []
         self.retry_after = "1"
         self.slow_s = 2.0
         self.in_flight = 0
@@ -119,11 +128,27 @@ class FakeOpenAIServer:
 
     # ------------------------------------------------------------------------------------------
     def respond(self, body: dict[str, Any]) -> Response:
+        pinged = not any(
+            m.get("role") == "user" and _TARGET_RE.search(str(m.get("content", ""))) for m in body.get("messages", [])
+        )
         with self._lock:
-            self.requests.append(body)
-            behaviour = self.script.popleft() if self.script else self.default
+            if pinged:
+                self.pings.append(body)
+                behaviour = self.ping
+            else:
+                self.requests.append(body)
+                behaviour = self.script.popleft() if self.script else self.default
         if callable(behaviour):
             return behaviour(body)
+        fixed = {
+            "ok": Response(content="OK"),
+            "unauthorized": Response(status=401, error="Incorrect API key provided"),
+            "no_model": Response(status=404, error="The model `test-model` does not exist"),
+            "html": Response(html="<html><body><h1>Please log in</h1></body></html>"),
+            "error_500": Response(status=500, error="internal error"),
+        }
+        if behaviour in fixed:
+            return fixed[behaviour]
         target = target_of(body)
         good = json.dumps({"description": describe(target)})
         if behaviour == "good":
@@ -140,8 +165,6 @@ class FakeOpenAIServer:
             return Response(status=429, headers={"Retry-After": self.retry_after}, error="rate limited")
         if behaviour == "slow":
             return Response(content=good, delay_s=self.slow_s)
-        if behaviour == "error_500":
-            return Response(status=500, error="internal error")
         if behaviour == "reject_format":
             if "response_format" in body:
                 return Response(status=400, error="response_format is not supported")
@@ -175,6 +198,9 @@ class FakeOpenAIServer:
                 if r.status != 200:
                     self._send(r.status, {"error": {"message": r.error, "type": "test", "code": r.status}}, r.headers)
                     return
+                if r.html is not None:
+                    self._send_raw(200, r.html.encode(), "text/html")
+                    return
                 prompt_words = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
                 completion_words = len((r.content or "").split())
                 self._send(
@@ -201,10 +227,12 @@ class FakeOpenAIServer:
                 )
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(payload).encode()
+                self._send_raw(status, json.dumps(payload).encode(), "application/json", headers)
+
+            def _send_raw(self, status: int, data: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", kind)
                     self.send_header("Content-Length", str(len(data)))
                     for k, v in (headers or {}).items():
                         self.send_header(k, v)

@@ -65,3 +65,37 @@ def test_llm_server_down_build_still_completes(tmp_path):
         for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar")), shardshuffle=False)
     ]
     assert len(metas) == 60 and all(m["expander"] == "grammar" and m["expand_fallback"] for m in metas)
+
+
+@pytest.mark.parametrize(
+    "answer, must_say",
+    [
+        ("unauthorized", "refused the API key in $OPENAI_API_KEY (HTTP 401); set OPENAI_API_KEY"),
+        ("no_model", "has no model 'test-model' or no chat-completions route (HTTP 404)"),
+        ("html", "answered HTTP 200 with something that is not a chat completion"),
+    ],
+)
+def test_a_misconfigured_llm_endpoint_stops_the_build_before_any_shard(server, tmp_path, answer, must_say):
+    """A wrong key, an unknown model or a proxy's HTML page: one line naming base_url/model/key, exit 2,
+    nothing written; after the fix the same command builds."""
+    out = tmp_path / "out"
+    server.ping = answer
+    p = factory("build", *_llm_args(server, out))
+    assert p.returncode == 2 and must_say in p.stderr and server.base_url in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert must_say in last and "Traceback" not in p.stderr, p.stderr  # the error is one line, after the logs
+    assert not out.exists() and not server.requests  # no shard ran, nothing was written
+    server.ping = "ok"
+    factory("build", *_llm_args(server, out), check=True)
+    assert len(list((out / "shards").glob("*.stats.json"))) == 2
+
+
+def test_html_replies_mid_build_are_invalid_replies_counted_as_fallbacks(server, tmp_path):
+    """A 200 that is no chat completion inside a shard is retried, then the grammar stands in, counted."""
+    out = tmp_path / "out"
+    server.default = "html"
+    factory("build", *_llm_args(server, out), "--set", "expand.llm.max_retries=1", check=True)
+    stats = list(shard_stats(out).values())
+    requests = sum(s["expand"]["requests"] for s in stats)
+    assert requests >= 60 and sum(s["expand"]["fallbacks"] for s in stats) == requests
+    assert sum(s["expand"]["errors_by_kind"].get("reply_not_chat_completion", 0) for s in stats) == 2 * requests

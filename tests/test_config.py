@@ -174,3 +174,17 @@ def test_identity_and_size_config_errors(tree, must_contain):
     with pytest.raises(ConfigError) as e:
         config_from_dict(tree)
     assert must_contain in str(e.value) and "\n" not in str(e.value).strip()
+
+
+def test_injected_spoils_are_recorded_and_a_resume_must_spoil_alike(tmp_path, monkeypatch):
+    out = str(tmp_path / "o")
+    cfg = FactoryConfig.model_validate({"generator": "puppet"})
+    monkeypatch.setenv("MIFA_INJECT", "blank:0.1")
+    monkeypatch.setenv("MIFA_FAULTS", "write:1")
+    _, rec = prepare_output(cfg, out)
+    assert rec["faults"] == {"MIFA_INJECT": "blank:0.1", "MIFA_FAULTS": "write:1"}
+    monkeypatch.delenv("MIFA_FAULTS")  # a fault only fails shards: a resume may drop it
+    assert prepare_output(cfg, out)[1]["build_id"] == rec["build_id"]
+    monkeypatch.delenv("MIFA_INJECT")
+    with pytest.raises(BuildConfigMismatch, match=r"built with MIFA_INJECT=blank:0.1 .* this run has MIFA_INJECT=\(unset\)"):
+        prepare_output(cfg, out)

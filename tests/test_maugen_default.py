@@ -9,13 +9,14 @@ shipped weights measure (pipelines/maugen/models/README.md has the numbers), not
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SMALL_RAY, factory, shard_stats
+from conftest import ROOT, SMALL_RAY, factory, factory_on_a_terminal, shard_stats
 from test_maugen import ID_WEIGHTS, MICRO
 
 from detectors.metrics import f1_per_au
@@ -138,10 +139,17 @@ def test_shipped_checkpoint_labels_agree_with_independent_detectors_on_heldout_i
 
 
 def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
+    """README command 1 at a small size, on a terminal: the whole graph runs, and what the user reads
+    holds no Python warning and no library's progress bar, then where the corpus is and how to read it."""
     out = tmp_path / "out"
     args = ["--target", "8", "--shard-size", "4", "--out", str(out), "--set", "generator=maugen", *BUILD_SETS]
-    p = factory("build", *args, *SMALL_RAY)
-    assert p.returncode == 0, p.stderr[-3000:]
+    rc, screen = factory_on_a_terminal("build", *args, "--set", "runtime.object_store_mb=100")
+    assert rc == 0, screen[-3000:]
+    assert not re.search(r"\w+Warning\b", screen), screen  # FutureWarning, UserWarning, ... (Ray's own notices are logs)
+    assert "it/s]" not in screen and "Loading pipeline components" not in screen and "Loading weights" not in screen
+    assert "ETA" in screen and "accepted 8/8" in screen  # the bar's ETA, the final line
+    for line in (f"corpus: 8 samples in 2 shards under {out}/shards", "read it:  python -c", f"factory verify {out}"):
+        assert line in screen, screen[-2000:]
     build = json.loads((out / "build.json").read_text())
     assert build["config"]["generator"] == "maugen"
     ck = resolve_checkpoint("builtin:tiny-puppet")
@@ -167,3 +175,38 @@ def test_the_corpus_size_is_the_checkpoint_s_and_another_build_image_size_is_ref
     # puppet.image_size is the renderer's size, not the corpus': MAUGen makes what it was trained at
     assert MAUGenGenerator(load_config(None, ["generator=maugen", "puppet.image_size=128"])).image_size == 64
     assert MAUGenGenerator(load_config(None, ["generator=maugen", "build.image_size=64"])).image_size == 64
+
+
+def test_one_nan_sample_is_marked_and_the_rest_of_its_batch_is_kept(monkeypatch):
+    """fp16 can overflow in one sample: the pipeline marks it (or raises, for library callers), the
+    generator hands it on with NaN labels, and the shard's validity check rejects it alone."""
+    from factory.generators import GenerationBatch, MAUGenGenerator, validate_result
+    from factory.identities import PuppetSource
+    from pipelines.puppet.data import identities
+
+    cfg = load_config(None, ["generator=maugen", "maugen.steps=2"])
+    gen = MAUGenGenerator(cfg)
+    people = identities(3, "heldout", seed=1)
+    ex = PuppetSource(cfg).exemplars(people, gen.image_size)
+    batch = GenerationBatch(
+        keys=["a", "b", "c"], seeds=np.array([1, 2, 3]), prompts=["brows raised", "a smile", "lips apart"],
+        target=np.zeros((3, 12), np.int8), identities=people,
+        exemplars=np.stack([e.image for e in ex]), masks=np.stack([e.mask for e in ex]),
+    )
+    clean = gen.generate(batch)
+    decode = gen.pipe.decode_latents
+
+    def one_nan(latents):
+        x = decode(latents)
+        x[1] = float("nan")
+        return x
+
+    monkeypatch.setattr(gen.pipe, "decode_latents", one_nan)
+    out = gen.generate(batch)
+    np.testing.assert_array_equal(validate_result(out, batch, gen.image_size), [True, False, True])
+    for j in (0, 2):  # the others are exactly what they were without the NaN
+        np.testing.assert_array_equal(out.images[j], clean.images[j])
+        np.testing.assert_array_equal(out.intensity[j], clean.intensity[j])
+    assert np.isnan(out.intensity[1]).all() and (out.images[1] == 0).all()
+    with pytest.raises(FloatingPointError, match="NaN/inf pixels or labels in 1 of 3 samples"):
+        gen.pipe(batch.prompts, batch.exemplars, mask_image=batch.masks, num_inference_steps=2)

@@ -64,6 +64,9 @@ class MAUGenPipelineOutput(BaseOutput):
     au_occurrence: np.ndarray  # float32 (B, 12): occurrence probabilities
     au_intensity: np.ndarray  # float32 (B, 12) on 0-5
     au_condition: list[np.ndarray] | None = None  # per step (B, 12, D) C_AU, when asked for
+    #: bool (B,): the sample's pixels and labels are finite. With on_nonfinite="mark" a sample that is
+    #: not has black pixels and NaN labels instead of failing its whole batch.
+    finite: np.ndarray | None = None
 
 
 def to_image_tensor(images, batch: int, size: tuple[int, int], name: str) -> torch.Tensor:
@@ -113,7 +116,7 @@ def to_mask_tensor(mask, batch: int, size: tuple[int, int]) -> torch.Tensor:
                     for m in mask
                 ]
             )
-        m = torch.from_numpy(np.asarray(mask, dtype=np.float32))
+        m = torch.from_numpy(np.array(mask, dtype=np.float32))  # a copy: arrays from Ray's object store are read-only
     if m.ndim == 2:
         m = m[None, None]
     elif m.ndim == 3:
@@ -247,7 +250,13 @@ class MAUGenPipeline(DiffusionPipeline):
         output_type: str = "np",
         return_dict: bool = True,
         return_au_condition: bool = False,
+        on_nonfinite: str = "raise",
     ) -> MAUGenPipelineOutput | tuple:
+        """`on_nonfinite`: "raise" fails the call when any sample has NaN/inf pixels or labels (fp16
+        overflow, NaN weights); "mark" keeps the batch, blackens those samples, sets their labels to
+        NaN and says which in `finite` (the factory rejects them one by one)."""
+        if on_nonfinite not in ("raise", "mark"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'mark', got {on_nonfinite!r}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt: give at least one prompt")
@@ -332,12 +341,18 @@ class MAUGenPipeline(DiffusionPipeline):
         x = self.decode_latents(latents).float().clamp(-1, 1)
         if self.inpainting:
             x = mask * x + (1.0 - mask) * ident  # the background, hair and clothes are the exemplar's
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(
-                "MAUGen produced NaN/inf pixels; on fp16 try bf16 or fp32, or check the checkpoint for NaN weights"
-            )
         occ = labels.occurrence.float().cpu().numpy()
         inten = labels.intensity.float().cpu().numpy()
+        finite = (torch.isfinite(x).flatten(1).all(1).cpu().numpy() & np.isfinite(occ).all(1) & np.isfinite(inten).all(1))
+        if not finite.all():
+            if on_nonfinite == "raise":
+                raise FloatingPointError(
+                    f"MAUGen produced NaN/inf pixels or labels in {int((~finite).sum())} of {len(finite)} samples; on "
+                    "fp16 try bf16 or fp32, or check the checkpoint for NaN weights"
+                )
+            bad = torch.from_numpy(~finite).to(x.device)
+            x = torch.where(bad.view(-1, 1, 1, 1), torch.full_like(x, -1.0), x)
+            occ[~finite], inten[~finite] = np.nan, np.nan
         if output_type == "pt":
             images = x
         else:
@@ -351,6 +366,7 @@ class MAUGenPipeline(DiffusionPipeline):
             au_occurrence=occ,
             au_intensity=inten,
             au_condition=trajectory if return_au_condition else None,
+            finite=finite,
         )
 
     # ------------------------------------------------------------------ construction from Stable Diffusion

@@ -177,14 +177,53 @@ class LLMExpander:
         self._jitter = random.Random()
 
     # -------------------------------------------------------------------------------- public
+    def preflight(self) -> None:
+        """One real request before any shard: a key, model or URL the server refuses stops the build here
+        with one line (LLMConfigError) instead of a corpus whose every prompt silently fell back.
+        A server that is down, slow or failing (5xx, 429) is only warned about: those are transient, and
+        each failed request later falls back to the grammar, counted."""
+        base, model, env = self.llm.base_url, self.llm.model, self.llm.api_key_env
+
+        async def ask() -> Any:
+            client = openai.AsyncOpenAI(base_url=base, api_key=self._api_key, timeout=self.llm.timeout_s, max_retries=0)
+            try:
+                return await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "Reply with OK."}], max_tokens=4
+                )
+            finally:
+                await client.close()
+
+        try:
+            resp = _run(ask())
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise LLMConfigError(
+                f"expand.llm: {base} refused the API key in ${env} (HTTP {e.status_code}); set {env} to a key this "
+                "server accepts"
+            ) from None
+        except openai.NotFoundError:
+            raise LLMConfigError(
+                f"expand.llm: {base} has no model {model!r} or no chat-completions route (HTTP 404); set "
+                "expand.llm.model to a model it serves, or expand.llm.base_url to its /v1 endpoint"
+            ) from None
+        except openai.BadRequestError as e:
+            if re.search(r"model", str(e), re.I):
+                raise LLMConfigError(
+                    f"expand.llm: {base} does not serve model {model!r} (HTTP 400: {str(e)[:200]}); set expand.llm.model"
+                ) from None
+            log.warning("LLM preflight: %s answered HTTP 400 (%s); continuing", base, str(e)[:200])
+        except openai.OpenAIError as e:  # down, timeout, 429, 5xx: transient
+            log.warning("LLM preflight: %s did not answer (%s); failed requests fall back to the grammar, counted",
+                        base, type(e).__name__)
+        else:
+            if not hasattr(resp, "choices"):
+                raise LLMConfigError(
+                    f"expand.llm: {base} answered HTTP 200 with something that is not a chat completion (an HTML page "
+                    "from a proxy?); set expand.llm.base_url to the OpenAI-compatible /v1 endpoint"
+                )
+
     def expand_batch(self, reqs: Sequence[ExpansionRequest]) -> tuple[list[Expansion], ExpandStats]:
         """Synchronous wrapper; runs its own event loop (in a helper thread if one is already running)."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(self.aexpand_many(reqs))
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(asyncio.run, self.aexpand_many(reqs)).result()
+        return _run(self.aexpand_many(reqs))
 
     async def aexpand_many(self, reqs: Sequence[ExpansionRequest]) -> tuple[list[Expansion], ExpandStats]:
         """Expand all `reqs`, at most cfg.llm.max_concurrency HTTP requests in flight."""
@@ -330,6 +369,14 @@ class LLMExpander:
                 kind = type(e).__name__
                 log.warning("LLM request failed: %s", e)
             else:
+                if not hasattr(resp, "choices"):  # a 200 that is no chat completion (a proxy's HTML page)
+                    kind = "reply_not_chat_completion"
+                    stats.count_error(kind)
+                    if failures >= self.llm.max_retries:
+                        raise _GiveUp(kind)
+                    failures += 1
+                    stats.retries += 1
+                    continue
                 if resp.usage is not None:
                     stats.prompt_tokens += resp.usage.prompt_tokens or 0
                     stats.completion_tokens += resp.usage.completion_tokens or 0
@@ -392,6 +439,20 @@ class LLMExpander:
             os.replace(tmp, p)  # atomic: a reader sees the old state or the whole entry
         else:
             fs.pipe_file(p, data)  # object stores publish a put whole
+
+
+class LLMConfigError(ValueError):
+    """The LLM endpoint refuses this configuration (key, model, URL): one line naming the fix."""
+
+
+def _run(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code (in a helper thread if a loop is already running)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _retry_after(headers: Any) -> float | None:
