@@ -417,8 +417,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config error: {p} must hold a mapping of sections (build:, plan:, ...)")
         tree = loaded or {}
     for assignment in overrides or []:
+        _seed_weight_tables(tree, assignment)
         apply_override(tree, assignment)
     return config_from_dict(tree)
+
+
+def _seed_weight_tables(tree: dict[str, Any], assignment: str) -> None:
+    """`--set plan.age_groups.child=0` changes one weight: the rest of that table keeps its value
+    (the file's, else the default) instead of the table becoming {child: 0}."""
+    parts = assignment.split("=", 1)[0].strip().split(".")
+    if len(parts) == 3 and parts[0] == "plan" and parts[1] in ("emotions", "age_groups", "strengths"):
+        plan = tree.setdefault("plan", {}) or {}
+        tree["plan"] = plan
+        if not isinstance(plan.get(parts[1]), dict):
+            plan[parts[1]] = dict(getattr(PlanConfig(), parts[1]))
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ class EtaModel:
     `max_step` (a guard, not the model). Shown before any sample is accepted: nothing (`None`).
     """
 
-    def __init__(self, target: int, start_accepted: int = 0, t0: float | None = None, alpha: float = 0.2,
+    def __init__(self, target: int, start_accepted: int = 0, t0: float | None = None, alpha: float = 0.15,
                  max_step: float = 1.5):
         self.target, self.start_accepted = target, start_accepted
         self.t0 = time.time() if t0 is None else t0

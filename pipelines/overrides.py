@@ -18,9 +18,12 @@ def parse_value(text: str) -> Any:
     """`--set` values are YAML scalars/flow collections: 3, 0.5, true, png, [1, 2], {a: 1}; anything
     YAML cannot parse (`@x`, `[a`) stays the literal text, for the config's validation to judge."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         return text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text  # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision=no` means the word
+    return value
 
 
 def apply_override(tree: dict[str, Any], assignment: str, example: str = "build.shard_size=500") -> None:

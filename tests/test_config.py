@@ -188,3 +188,13 @@ def test_injected_spoils_are_recorded_and_a_resume_must_spoil_alike(tmp_path, mo
     monkeypatch.delenv("MIFA_INJECT")
     with pytest.raises(BuildConfigMismatch, match=r"built with MIFA_INJECT=blank:0.1 .* this run has MIFA_INJECT=\(unset\)"):
         prepare_output(cfg, out)
+
+
+def test_a_set_on_one_plan_weight_keeps_the_others_and_no_stays_a_word():
+    cfg = load_config(None, ["plan.age_groups.child=0", "plan.emotions.neutral=2"])
+    assert cfg.plan.age_groups == {"child": 0.0, "young_adult": 1.0, "adult": 1.0, "elderly": 1.0}
+    assert cfg.plan.emotions["neutral"] == 2.0 and cfg.plan.emotions["happiness"] == 1.0
+    assert load_config(None, ["detect.enabled=no"]).detect.enabled is False  # pydantic still reads no as false
+    from pipelines.maugen.train import load_train_config
+
+    assert load_train_config(None, ["mixed_precision=no"]).mixed_precision == "no"  # was YAML's False

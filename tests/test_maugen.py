@@ -18,7 +18,7 @@ from conftest import ROOT, factory
 from core.identity_net import IdentityNet
 from detectors.builtin import torch_weights
 from pipelines.maugen import ConditionalLabelDecoder, MAUGenConfig, MAUGenPipeline, build_pipeline, core, losses
-from pipelines.maugen.build import SD15_TEXT, build_word_tokenizer, load_identity_encoder, prompt_corpus, sd15_on_meta
+from pipelines.maugen.build import build_word_tokenizer, load_identity_encoder, prompt_corpus, sd15_on_meta
 from pipelines.maugen.data import PuppetFaceDataset
 from pipelines.maugen.label_decoder import IdentityDecouplingModule, PurifiedCrossAttention
 from pipelines.maugen.train import TrainConfig, Trainer
@@ -378,8 +378,8 @@ def test_sd15_sizes_build_on_the_meta_device():
 
 
 def test_from_a_local_stable_diffusion_directory(tmp_path, people):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from real_fixtures import write_tiny_text_encoder, write_tiny_vae
 
     tok = build_word_tokenizer(prompt_corpus(300), max_length=24)
     sd = tmp_path / "sd"
@@ -399,33 +399,8 @@ def test_from_a_local_stable_diffusion_directory(tmp_path, people):
         )
 
     unet(4).save_pretrained(sd / "unet")
-    AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    ).save_pretrained(sd / "vae")
-    CLIPTextModel(
-        CLIPTextConfig(
-            **(
-                SD15_TEXT
-                | {
-                    "vocab_size": len(tok),
-                    "hidden_size": 32,
-                    "intermediate_size": 64,
-                    "num_hidden_layers": 1,
-                    "num_attention_heads": 2,
-                    "projection_dim": 32,
-                    "max_position_embeddings": 24,
-                    "eos_token_id": tok.eos_token_id,
-                    "bos_token_id": tok.bos_token_id,
-                    "pad_token_id": tok.pad_token_id,
-                }
-            )
-        )
-    ).save_pretrained(sd / "text_encoder")
+    write_tiny_vae(sd / "vae", 64)
+    write_tiny_text_encoder(sd / "text_encoder", tok, 24)
     tok.save_pretrained(sd / "tokenizer")
     DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(sd / "scheduler")
     with pytest.raises(ValueError, match="predicts 'v_prediction', but MAUGen trains epsilon"):
