@@ -85,17 +85,19 @@ def test_a_misconfigured_llm_endpoint_stops_the_build_before_any_shard(server, t
     last = p.stderr.strip().splitlines()[-1]
     assert must_say in last and "Traceback" not in p.stderr, p.stderr  # the error is one line, after the logs
     assert not out.exists() and not server.requests  # no shard ran, nothing was written
-    server.ping = "ok"
-    factory("build", *_llm_args(server, out), check=True)
-    assert len(list((out / "shards").glob("*.stats.json"))) == 2
+    if answer == "unauthorized":  # after the fix the same command builds (once: each build costs ~25 s)
+        server.ping = "ok"
+        factory("build", *_llm_args(server, out), check=True)
+        assert len(list((out / "shards").glob("*.stats.json"))) == 2
 
 
 def test_html_replies_mid_build_are_invalid_replies_counted_as_fallbacks(server, tmp_path):
     """A 200 that is no chat completion inside a shard is retried, then the grammar stands in, counted."""
     out = tmp_path / "out"
     server.default = "html"
-    factory("build", *_llm_args(server, out), "--set", "expand.llm.max_retries=1", check=True)
+    args = [*_llm_args(server, out), "--target", "20", "--shard-size", "10", "--set", "expand.llm.max_retries=1"]
+    factory("build", *args, check=True)
     stats = list(shard_stats(out).values())
     requests = sum(s["expand"]["requests"] for s in stats)
-    assert requests >= 60 and sum(s["expand"]["fallbacks"] for s in stats) == requests
+    assert requests >= 20 and sum(s["expand"]["fallbacks"] for s in stats) == requests
     assert sum(s["expand"]["errors_by_kind"].get("reply_not_chat_completion", 0) for s in stats) == 2 * requests
