@@ -144,6 +144,7 @@ class _References:
     def __init__(self, cfg: FactoryConfig):
         self.cfg = cfg
         self.pool = cfg.identities.source == "pool"
+        self._renderers: dict[int, Any] = {}
         self.exemplar = (
             "the exemplar photo of the sample's identity" if self.pool
             else "the sample's identity rendered by the puppet renderer with all AUs at 0"
@@ -163,7 +164,9 @@ class _References:
                 raise FileNotFoundError(f"eval: exemplars the build used cannot be read now: {bad[0]}")
             images = np.stack([e.image for e in ex])
             return images, images
-        renderer = PuppetRenderer(size=size, supersample=self.cfg.puppet.supersample)
+        renderer = self._renderers.get(size)
+        if renderer is None:  # one per size for the whole eval: its caches serve every shard
+            renderer = self._renderers[size] = PuppetRenderer(size=size, supersample=self.cfg.puppet.supersample)
         return renderer.render_batch(people, np.zeros((len(people), NUM_AUS))), renderer.render_batch(people, targets)
 
 

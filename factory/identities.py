@@ -180,11 +180,10 @@ class PoolSource:
     def _members(self, key: tuple) -> list[int]:
         got = self._by_key.get(key)
         if got is None:
-            got = self._by_key[key] = [
-                i for k, ms in sorted(self.by_cell.items(), key=str) for i in ms
+            got = self._by_key[key] = sorted(
+                i for k, ms in self.by_cell.items() for i in ms
                 if all(want is None or have == want for want, have in zip(key, k))
-            ]
-            got.sort()
+            )
         return got
 
     def exemplars(self, identities: Sequence[Identity], size: int) -> list[Exemplar]:

@@ -95,6 +95,8 @@ class BuildProgress:
         self._task = None
         self._busy: list[str] = []
         self._eta = EtaModel(target)
+        self._eta_text = format_eta(None)
+        self._seen: tuple[int, int, float] | None = None  # the counts the ETA was last updated on
         self._trace = trace
 
     def start(self, accepted: int, shards: int) -> None:
@@ -186,7 +188,7 @@ class BuildProgress:
             return
         if force or self._eta.eta is None or self._changed():
             self._eta_text = self._update_eta()
-        eta = getattr(self, "_eta_text", format_eta(None))
+        eta = self._eta_text
         if self._bar is not None:
             self._bar.update(self._task, completed=self.accepted + self._partial()[0], info=self._info(), eta=eta)
             return
@@ -198,7 +200,7 @@ class BuildProgress:
 
     def _changed(self) -> bool:
         seen = (self.accepted, self._partial()[0], self._last_live)
-        changed = seen != getattr(self, "_seen", None)
+        changed = seen != self._seen
         self._seen = seen
         return changed
 

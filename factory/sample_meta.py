@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from core.facs import jaccard
 
 from .candidate import Candidate
 from .writer import DETECT_COLUMNS, au_array
@@ -20,9 +19,9 @@ def accepted_sample(
     """(KEY.json, KEY.au.npy, parquet row) of an accepted candidate."""
     spec, expansion, intensity, occ = cand.spec, cand.expansion, cand.intensity, cand.occurrence
     target = spec.intensity.astype(np.int64)
-    scores = {
-        "prompt_target_jaccard": round(float(expansion.jaccard), 6),
-        "label_prompt_jaccard": round(jaccard(cand.prompt_occurrence(thr), occ), 6),
+    scores = {  # measured by the checks that passed it (factory/checks.py)
+        "prompt_target_jaccard": round(float(cand.scores["prompt_target_jaccard"]), 6),
+        "label_prompt_jaccard": round(float(cand.scores["label_prompt_jaccard"]), 6),
     }
     consensus_meta = None
     row_det: dict[str, Any] = dict.fromkeys(DETECT_COLUMNS)
