@@ -8,6 +8,7 @@ source (factory/identities.py) and sends with the batch; the puppet renderer nee
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from core.facs import NUM_AUS
+from pipelines.prompts import TokenBudget
 from pipelines.puppet import PuppetIdentity, PuppetRenderer
 
 from .config import FactoryConfig
@@ -174,6 +176,19 @@ class MAUGenGenerator:
 
 
 GENERATORS: dict[str, type] = {"puppet": PuppetGenerator, "maugen": MAUGenGenerator}
+
+
+@functools.lru_cache(maxsize=4)
+def _budget_of(checkpoint: str) -> TokenBudget:
+    from pipelines.maugen.builtin import resolve_checkpoint
+
+    return TokenBudget.from_tokenizer(resolve_checkpoint(checkpoint) / "tokenizer")
+
+
+def prompt_budget(cfg: FactoryConfig) -> TokenBudget | None:
+    """The text-encoder limit every prompt of this build must fit: MAUGen's tokenizer and its positions;
+    None for the puppet renderer, which reads labels, not text. One per checkpoint per process."""
+    return _budget_of(cfg.maugen.checkpoint) if cfg.generator == "maugen" else None
 
 
 def make_generator(cfg: FactoryConfig) -> Generator:

@@ -29,7 +29,7 @@ from . import faults
 from .candidate import ACCEPTED, Candidate, SampleDetection
 from .checks import FUNNEL, OVER_QUOTA, REASONS, first_failure
 from .config import FactoryConfig
-from .generators import GenerationBatch, GenerationResult, validate_result
+from .generators import GenerationBatch, GenerationResult, prompt_budget, validate_result
 from .identities import identity_source
 from .layout import Layout
 from .plan import GRID, Plan, ShardSpec
@@ -90,7 +90,7 @@ def run_shard(
     gen_tag = f"{info.get('name', cfg.generator)}@{info.get('version', '?')}"
     size = int(info.get("image_size", cfg.puppet.image_size))
     sampler = ShardSampler(spec, cfg, size)
-    expander = make_expander(cfg.expand, cache_dir=layout.cache_dir)
+    expander = make_expander(cfg.expand, cache_dir=layout.cache_dir, budget=prompt_budget(cfg))
     writer = ShardWriter(layout, spec.name, cfg.build.image_format, cfg.build.jpg_quality)
     try:
         ledger = ShardLedger(cfg, spec, writer, gen_tag, build_id)

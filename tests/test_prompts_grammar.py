@@ -158,3 +158,43 @@ def test_stats_add():
     assert (c.calls, c.retries, c.fallbacks) == (5, 1, 1)
     assert c.errors_by_kind == {"timeout": 3, "http_500": 1}
     assert a.merge(b) == c
+
+
+# ---------------------------------------------------------------------------------------------
+# The token budget: every prompt fits the generator's text encoder (pipelines/prompts/budget.py)
+
+@pytest.fixture(scope="module")
+def budget():
+    from pipelines.maugen.builtin import resolve_checkpoint
+    from pipelines.prompts import TokenBudget
+
+    return TokenBudget.from_tokenizer(resolve_checkpoint("builtin:tiny-puppet") / "tokenizer")
+
+
+def test_every_grammar_prompt_fits_the_shipped_text_encoder(budget):
+    reqs = random_requests(3000, seed=11)
+    full = [grammar_expand(r) for r in reqs]
+    out, stats = GrammarExpander(budget).expand_batch(reqs)
+    assert budget.max_tokens == 48
+    over = [t for t in full if not budget.fits(t)]
+    assert len(over) > 300  # without the budget about 1 in 5 is cut (the 21 %)
+    assert all(budget.fits(e.text) for e in out) and stats.over_budget == 0
+    assert stats.shortened == len(over)
+    # shortening keeps every AU: the description still parses back to the target exactly
+    assert all(e.jaccard == 1.0 for e in out)
+    # prompts that fit are the grammar's own wording, untouched
+    assert all(e.text == t for e, t in zip(out, full) if budget.fits(t))
+
+
+def test_a_target_too_long_for_any_wording_is_scored_on_what_the_encoder_reads(budget):
+    from pipelines.prompts.grammar import PromptTooLong, fitted_expansion
+
+    req = ExpansionRequest(emotion="fear", strength=3, intensity=(4, 3, 4, 3, 2, 2, 0, 5, 3, 3, 3, 3), seed=7)
+    with pytest.raises(PromptTooLong, match="text encoder reads 48"):
+        grammar_expand(req, budget)
+    stats = ExpandStats()
+    e = fitted_expansion(req, budget, stats)
+    assert stats.over_budget == 1 and not budget.fits(e.text)
+    # the cut-off AUs are missing from what the prompt-target check scores
+    assert 0.5 < e.jaccard < 1.0
+    assert set(np.flatnonzero(e.parsed)) < set(np.flatnonzero(req.intensity))

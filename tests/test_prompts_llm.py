@@ -199,3 +199,21 @@ def test_callable_behaviour_neutral_target():
         out, stats = _expander(s.base_url, reask=0).expand_batch([neutral])
     assert out[0].expander == "llm" and out[0].jaccard == 1.0 and sum(out[0].parsed) == 0
     assert len(s.requests) == 1 and stats.calls == 1
+
+
+def test_a_reply_longer_than_the_text_encoder_reads_is_reasked(server):
+    from pipelines.maugen.builtin import resolve_checkpoint
+    from pipelines.prompts import TokenBudget
+
+    budget = TokenBudget.from_tokenizer(resolve_checkpoint("builtin:tiny-puppet") / "tokenizer")
+    req = _reqs(1)[0]
+    def padded(body):
+        text = describe(target_of(body)) + " " + " ".join(["The rest of the face stays calm and still."] * 6)
+        return Response(content=json.dumps({"description": text}))
+
+    server.push(padded)
+    cfg = ExpandConfig(backend="llm", llm=LLMConfig(base_url=server.base_url, model="test-model", timeout_s=5))
+    out, stats = make_expander(cfg, budget=budget).expand_batch([req])
+    assert stats.errors_by_kind["reply_too_long"] == 1 and stats.reasks == 1
+    assert out[0].expander == "llm" and out[0].attempts == 2 and budget.fits(out[0].text)
+    assert "48" in server.requests[1]["messages"][-1]["content"]

@@ -30,8 +30,9 @@ import openai
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from core.facs import AU_DESCRIPTIONS, AU_NAMES, AUS, STRENGTHS, active_set, jaccard, occurrence
+from pipelines.prompts.budget import TokenBudget
 from pipelines.prompts.config import ExpandConfig, LLMConfig
-from pipelines.prompts.grammar import check_expansion, grammar_expand
+from pipelines.prompts.grammar import check_expansion, fitted_expansion, grammar_expand
 from pipelines.prompts.lexicon import LEVEL_ADJECTIVES, LEVEL_ADVERBS, identity_terms
 from pipelines.prompts.parser import parse_description
 from pipelines.prompts.targets import random_requests
@@ -159,12 +160,13 @@ class _GiveUp(Exception):
 class LLMExpander:
     """Expands requests through an OpenAI-compatible chat model, verified, cached, with grammar fallback."""
 
-    def __init__(self, cfg: ExpandConfig, cache_dir: str | None = None):
+    def __init__(self, cfg: ExpandConfig, cache_dir: str | None = None, budget: TokenBudget | None = None):
         if cfg.llm is None:
             raise ValueError(
                 "expand.llm is required for the LLM expander: set expand.llm.base_url and expand.llm.model"
             )
         self.cfg = cfg
+        self.budget = budget  # the generator's text-encoder limit: longer replies are re-asked
         self.llm: LLMConfig = cfg.llm
         self.cache_dir = self.llm.cache_dir or cache_dir
         key = os.environ.get(self.llm.api_key_env)
@@ -269,6 +271,10 @@ class LLMExpander:
                 stats.count_error("reply_not_a_face")
                 feedback = ("Describe the face itself (its brows, lids, cheeks, nose, lips, mouth and jaw), "
                             'as a JSON object {"description": "..."}.')
+            elif self.budget is not None and (n := self.budget.count(text)) > self.budget.max_tokens:
+                stats.count_error("reply_too_long")
+                feedback = (f"That description is {n} tokens; the image model reads {self.budget.max_tokens}. "
+                            "Rewrite it shorter: fewer words per movement, leave out what is absent.")
             elif found := identity_terms(text):
                 stats.count_error("reply_identity_words")
                 feedback = (f"Remove every identity word ({', '.join(sorted(found))}): describe only the face's "
@@ -298,7 +304,7 @@ class LLMExpander:
     def _fallback(self, req: ExpansionRequest, attempts: int, reason: str, stats: ExpandStats) -> Expansion:
         stats.fallbacks += 1
         stats.count_error(reason)
-        return check_expansion(grammar_expand(req), req, "grammar", True, attempts)
+        return fitted_expansion(req, self.budget, stats, fallback=True, attempts=attempts)
 
     # -------------------------------------------------------------------------------- HTTP + cache
     def _request_body(self, messages: list[dict[str, str]], seed: int, structured: bool) -> dict[str, Any]:

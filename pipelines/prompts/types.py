@@ -97,6 +97,8 @@ class ExpandStats(BaseModel):
     retries: int = 0
     reasks: int = 0
     fallbacks: int = 0
+    shortened: int = 0  # grammar descriptions shortened to fit the text encoder (pipelines/prompts/budget.py)
+    over_budget: int = 0  # descriptions that fit in no wording: scored on the part the encoder reads
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors_by_kind: dict[str, int] = Field(default_factory=dict)
