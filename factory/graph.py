@@ -28,6 +28,7 @@ from .pool import Assignment, StagePool, WorkerPool
 from .progress import BuildProgress
 from .record import prepare_output
 from .sampler import QuotaExhaustedError
+from .stops import BuildStopped, fatal_os_error, storage_stop
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,32 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     """Build or resume OUT until every shard is committed or has run out of retries."""
     if os.environ.get("RAY_ADDRESS"):
         client_auth_mode()  # before ray is imported: it reads the mode once
-    import ray
-
     t0 = time.time()
     _preflight_expander(cfg)
+    layout = Layout(out)
+    plan = Plan(cfg)
+    try:
+        summary = _build(cfg, out, new_build, plan)
+    except BuildStopped as stop:
+        _count_committed(stop, layout, cfg.identity_hash(), plan.num_shards)
+        raise
+    except OSError as err:  # the driver's own writes: build.json, cleaning, failed/ records
+        fatal = fatal_os_error(err)
+        if fatal is None:
+            raise
+        stop = storage_stop(fatal, layout)
+        _count_committed(stop, layout, cfg.identity_hash(), plan.num_shards)
+        raise stop from None
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def _build(cfg: FactoryConfig, out: str, new_build: bool, plan: Plan) -> BuildSummary:
+    """Prepare OUT, then run its pending shards on Ray (started here unless one is already running)."""
+    import ray
+
     layout, record = prepare_output(cfg, out, new_build=new_build)
     build_id = record["build_id"]
-    plan = Plan(cfg)
     state = scan(layout, build_id)
     clean_uncommitted(layout, state.committed)
     summary = BuildSummary(out, build_id, plan.target, plan.num_shards, cfg.build.shard_prefix)
@@ -84,7 +104,6 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     pending = deque(i for i in range(plan.num_shards) if plan.shard_name(i) not in state.committed)
     if not pending:
         log.info("%s: all %d shards already committed", out, plan.num_shards)
-        summary.seconds = time.time() - t0
         return summary
     log.info(
         "build %s: %d shards, %d committed, %d to run -> %s",
@@ -100,8 +119,18 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     finally:
         if started:
             ray.shutdown()
-    summary.seconds = time.time() - t0
     return summary
+
+
+def _count_committed(stop: BuildStopped, layout: Layout, build_id: str, num_shards: int) -> None:
+    """Put the shards committed on disk into the stop's line. Read after every writer has stopped,
+    so shards that committed while the stop was on its way count too."""
+    try:
+        stop.committed = len(scan(layout, build_id).committed)
+    except OSError as err:
+        log.warning("could not count the committed shards in %s: %s", layout.out, err)
+        return
+    stop.num_shards = num_shards
 
 
 def _preflight_expander(cfg: FactoryConfig) -> None:
@@ -243,7 +272,13 @@ class _Scheduler:
         self.pool.release(job.slot)
         name, s = self.plan.shard_name(job.index), self.summary
         self.committed.add(name)
-        clear_failure(self.layout, name)
+        try:
+            clear_failure(self.layout, name)
+        except OSError as err:  # a stale note; a storage fault that every shard meets stops the build
+            fatal = fatal_os_error(err)
+            if fatal is not None:
+                raise storage_stop(fatal, self.layout) from None
+            log.warning("could not remove the old failure record of shard %s: %s", name, short_error(err))
         s.committed += 1
         s.accepted += int(stats["samples"])
         s.candidates += int(stats["candidates"])
@@ -253,17 +288,34 @@ class _Scheduler:
         del self.attempts[job.index]
 
     def _failed(self, job: InFlight, err: BaseException) -> None:
+        """Retry the shard, or record it in OUT/failed/; a storage fault stops the build instead."""
         name = self.plan.shard_name(job.index)
+        fatal = fatal_os_error(err)
+        if fatal is not None:  # a full disk, a read-only OUT: every other shard would meet it too
+            self._record(name, error_record(name, job.index, err, job.attempt), stopping=True)
+            raise storage_stop(fatal, self.layout) from None
         if job.attempt <= self.cfg.build.shard_retries and not deterministic(err):
             log.warning("shard %s attempt %d failed (%s); retrying", name, job.attempt, short_error(err))
             self.pending.appendleft(job.index)
             self.progress.shard_retried(job.index)
             return
         rec = error_record(name, job.index, err, job.attempt)
-        record_failure(self.layout, name, rec)
+        self._record(name, rec)
         self.summary.failed[name] = rec["error"]
         log.error("shard %s failed after %d attempts: %s", name, job.attempt, rec["error"])
         self.progress.shard_failed(job.index)
+
+    def _record(self, name: str, rec: dict[str, Any], stopping: bool = False) -> None:
+        """Write OUT/failed/NAME.json. It is a note for `report` and the user, so a write that fails
+        never takes the driver down: a storage fault stops the build (unless it is stopping already),
+        anything else is logged and the build goes on."""
+        try:
+            record_failure(self.layout, name, rec)
+        except OSError as err:
+            fatal = fatal_os_error(err)
+            if fatal is not None and not stopping:
+                raise storage_stop(fatal, self.layout) from None
+            log.warning("could not write the failure record of shard %s: %s", name, short_error(err))
 
 
 def _poll_live(in_flight: dict[Any, InFlight]) -> dict[int, tuple[int, int]]:

@@ -126,10 +126,21 @@ class Layout:
             self.check_uploaded(path, len(data))
             return
         tmp = self.temp_path(path)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-            _fsync(f)
-        self.fs.mv(tmp, path)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+                _fsync(f)
+            self.fs.mv(tmp, path)
+        except BaseException:
+            self._remove_quietly(tmp)  # a full disk keeps no half-written temporary file
+            raise
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        except OSError as err:
+            log.warning("could not remove %s: %s", path, err)
 
     def check_uploaded(self, path: str, size: int) -> None:
         """Raise unless the store holds PATH with SIZE bytes: what a later commit marker relies on."""

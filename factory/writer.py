@@ -213,12 +213,14 @@ class ShardWriter:
                     self.layout.discard_upload(self._file)
                 return
             if not self._closed:
-                try:
-                    self._tar.close()  # else the tarfile flushes into a closed file when collected
-                except (OSError, ValueError):
-                    pass
-                self._file.close()
                 self._closed = True
+                # the tarfile first, else it flushes into a closed file when collected; on a full disk
+                # both flushes fail again, and the file is closed (and removed below) all the same
+                for close in (self._tar.close, self._file.close):
+                    try:
+                        close()
+                    except (OSError, ValueError):
+                        pass
             if self.layout.fs.exists(self._dest_tar):
                 self.layout.fs.rm(self._dest_tar)
         except OSError as err:
