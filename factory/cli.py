@@ -48,6 +48,8 @@ def _finish(summary) -> None:  # noqa: ANN001 - BuildSummary, imported lazily
         f"samples ({summary.skipped} shards were already done) in {summary.seconds:.1f} s; rejected: {rej}",
         err=True,
     )
+    if summary.llm is not None:  # a user who asked for LLM prompts learns how many the grammar wrote
+        typer.echo(f"prompts from {summary.llm}: {summary.prompts.describe()}", err=True)
     actors = [*summary.generators, *summary.detectors]
     if actors:
         typer.echo(f"shards ran {summary.shards_seconds:.1f} s; actor busy fraction over that window:", err=True)

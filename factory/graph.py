@@ -21,6 +21,7 @@ from typing import Any
 from .actors import ActorBusy, actor_busy, error_cause, short_error, start_model_actors
 from .cluster import check_resources, client_auth_mode, generator_count, init_ray
 from .config import ConfigError, FactoryConfig
+from .fallbacks import FallbackCount, endpoint, fallback_stop, shards_count
 from .layout import Layout
 from .manifest import clean_uncommitted, clear_failure, record_failure, scan
 from .plan import Plan
@@ -51,6 +52,10 @@ class BuildSummary:
     shards_seconds: float = 0.0
     generators: list[ActorBusy] = field(default_factory=list)
     detectors: list[ActorBusy] = field(default_factory=list)
+    #: Prompts of every committed shard that fell back to the grammar; `llm` names the endpoint
+    #: (None for the grammar backend, which has no fallback).
+    prompts: FallbackCount = field(default_factory=FallbackCount)
+    llm: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -101,6 +106,7 @@ def _build(cfg: FactoryConfig, out: str, new_build: bool, plan: Plan) -> BuildSu
     summary = BuildSummary(out, build_id, plan.target, plan.num_shards, cfg.build.shard_prefix)
     summary.skipped = summary.committed = len(state.committed)
     summary.accepted = sum(int(s.get("samples", 0)) for s in state.committed.values())
+    summary.prompts, summary.llm = shards_count(list(state.committed.values())), endpoint(cfg)
     pending = deque(i for i in range(plan.num_shards) if plan.shard_name(i) not in state.committed)
     if not pending:
         log.info("%s: all %d shards already committed", out, plan.num_shards)
@@ -210,6 +216,9 @@ class _Scheduler:
             plan.target, plan.num_shards, enabled=cfg.runtime.progress, trace=cfg.runtime.progress_trace
         )
         self.t_first: float | None = None
+        # prompts of this run that fell back: committed shards, and the shards in flight so far
+        self.run_prompts = FallbackCount()
+        self.live_prompts: dict[int, FallbackCount] = {}
 
     def run(self) -> None:
         import ray
@@ -230,7 +239,10 @@ class _Scheduler:
                     self._finished(ref)
             self.pool.replace()
             if self.in_flight and self.progress.live_due():
-                self.progress.live(_poll_live(self.in_flight))
+                live = _poll_live(self.in_flight)
+                self.progress.live({i: (a, c) for i, (a, c, _) in live.items()})
+                self.live_prompts.update({i: FallbackCount().add(e) for i, (_, _, e) in live.items()})
+                self._check_fallbacks()
             self.progress.tick()
         if self.pool.lost:
             # A worker killed mid-shard leaves that attempt's temporary files; the shard was
@@ -284,12 +296,28 @@ class _Scheduler:
         s.candidates += int(stats["candidates"])
         for reason, n in stats["rejected"].items():
             s.rejected[reason] = s.rejected.get(reason, 0) + int(n)
+        s.prompts.add(stats.get("expand") or {})
+        self.run_prompts.add(stats.get("expand") or {})
+        self.live_prompts.pop(job.index, None)
+        self._check_fallbacks(stop=False)  # the progress line of this commit shows the share already
         self.progress.shard_done(int(stats["samples"]), int(stats["candidates"]), s.rejected, job.index)
         del self.attempts[job.index]
+        self._check_fallbacks()
+
+    def _check_fallbacks(self, stop: bool = True) -> None:
+        """Show this run's share of prompts that fell back (LLM only) and, with `stop`, stop the build
+        once it is past expand.max_fallback_share."""
+        if self.summary.llm is None:
+            return
+        seen = sum(self.live_prompts.values(), self.run_prompts)
+        self.progress.prompts(seen)
+        if stop and seen.exceeds(self.cfg.expand.max_fallback_share):
+            raise fallback_stop(self.cfg, seen, self.layout.out)
 
     def _failed(self, job: InFlight, err: BaseException) -> None:
         """Retry the shard, or record it in OUT/failed/; a storage fault stops the build instead."""
         name = self.plan.shard_name(job.index)
+        self.live_prompts.pop(job.index, None)  # a retry asks its prompts again (from the cache)
         fatal = fatal_os_error(err)
         if fatal is not None:  # a full disk, a read-only OUT: every other shard would meet it too
             self._record(name, error_record(name, job.index, err, job.attempt), stopping=True)
@@ -318,20 +346,20 @@ class _Scheduler:
             log.warning("could not write the failure record of shard %s: %s", name, short_error(err))
 
 
-def _poll_live(in_flight: dict[Any, InFlight]) -> dict[int, tuple[int, int]]:
-    """(accepted, candidates) so far of each shard in flight, asked of its worker. A worker that
-    does not answer within a second is left out: if it died, the shard's own result says so."""
+def _poll_live(in_flight: dict[Any, InFlight]) -> dict[int, tuple[int, int, dict[str, Any]]]:
+    """(accepted, candidates, expander stats) so far of each shard in flight, asked of its worker. A
+    worker that does not answer within a second is left out: if it died, the shard's own result says so."""
     import ray
 
     asked = {job.slot.worker.live.remote(): job.index for job in in_flight.values()}
     ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=1.0)
-    live: dict[int, tuple[int, int]] = {}
+    live: dict[int, tuple[int, int, dict[str, Any]]] = {}
     for ref in ready:
         try:
-            accepted, candidates = ray.get(ref)
+            accepted, candidates, expand = ray.get(ref)
         except Exception:  # noqa: BLE001 - progress is best effort; the shard's result reports failures
             continue
-        live[asked[ref]] = (int(accepted), int(candidates))
+        live[asked[ref]] = (int(accepted), int(candidates), dict(expand))
     return live
 
 
