@@ -41,7 +41,8 @@ class FallbackCount:
         return self
 
     def __add__(self, other: FallbackCount) -> FallbackCount:
-        return FallbackCount(self.requests + other.requests, self.fallbacks + other.fallbacks, self.reasons + other.reasons)
+        reasons = self.reasons + other.reasons
+        return FallbackCount(self.requests + other.requests, self.fallbacks + other.fallbacks, reasons)
 
     @property
     def share(self) -> float | None:

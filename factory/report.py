@@ -317,9 +317,8 @@ def _print_identities_and_storage(con: Any, rep: dict[str, Any]) -> None:
     if st["bytes_per_sample"] is not None:
         q = f" quality {st['jpg_quality']}" if st["jpg_quality"] else ""
         retried = f"; {st['store_retries']} store requests retried" if st.get("store_retries") else ""
-        con.print(
-            f"storage: {st['bytes_per_sample'] / 1e3:.1f} kB per sample ({st['image_format']}{q}, tar + parquet){retried}"
-        )
+        size = f"{st['bytes_per_sample'] / 1e3:.1f} kB per sample ({st['image_format']}{q}, tar + parquet)"
+        con.print(f"storage: {size}{retried}")
 
 
 def print_report(rep: dict[str, Any]) -> None:

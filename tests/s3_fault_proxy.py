@@ -92,7 +92,8 @@ class S3FaultProxy(LoopbackHTTPServer):
                     return
                 if fault is not None:
                     status, code, message = FAULTS[fault]
-                    data = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'.encode()
+                    xml = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+                    data = f'<?xml version="1.0" encoding="UTF-8"?>{xml}'.encode()
                     self.send_response(status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(data)))

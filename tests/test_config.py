@@ -152,7 +152,8 @@ def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
     assert {"runtime.num_generators", "build.max_oversample", "build.shard_retries"} <= everything - identity
     # when a build gives up on its LLM endpoint is no part of what it writes: ids made before the key stay
     assert "expand.max_fallback_share" in everything - identity
-    assert FactoryConfig.model_validate({"expand": {"max_fallback_share": 0.9}}).identity_hash() == FactoryConfig().identity_hash()
+    lenient = FactoryConfig.model_validate({"expand": {"max_fallback_share": 0.9}})
+    assert lenient.identity_hash() == FactoryConfig().identity_hash()
     assert not resumable("build.seed") and not resumable("runtimes.x") and not resumable("build.max_oversampled")
 
 

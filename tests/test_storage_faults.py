@@ -37,7 +37,8 @@ def _last_line(stderr: str) -> str:
 def _same_as_clean_build(out: Path) -> None:
     got = digest(out)
     assert got["build_id"] == DIGEST["build_id"]
-    changed = sorted(k for k in DIGEST["files"].keys() | got["files"].keys() if DIGEST["files"].get(k) != got["files"].get(k))
+    want = DIGEST["files"]
+    changed = sorted(k for k in want.keys() | got["files"].keys() if want.get(k) != got["files"].get(k))
     assert not changed, f"files that differ from a clean build's: {changed}"
 
 
@@ -107,11 +108,14 @@ def test_read_only_out_stops_in_one_line_and_the_driver_survives_its_failed_reco
         pytest.skip("no private mount namespace here (needs root or a user namespace)")
     out = _copy(partial, tmp_path / "out")
     before = (out / "failed" / "mifa-000001.json").read_bytes()
-    ro = "\n".join(f"mount --bind {out / d} {out / d}\nmount -o remount,bind,ro {out / d}" for d in ("shards", "rejected", "failed"))
+    ro = "\n".join(
+        f"mount --bind {out / d} {out / d}\nmount -o remount,bind,ro {out / d}"
+        for d in ("shards", "rejected", "failed")
+    )
     p = _factory_in_mount_ns(ro, "resume", str(out), *SMALL_RAY)
     assert p.returncode == EXIT_STORAGE, p.stderr[-3000:]
     line = _last_line(p.stderr)
-    assert line.startswith(f"build stopped: {out}/shards is on a read-only filesystem (EROFS: Read-only file system); "), line
+    assert line.startswith(f"build stopped: {out}/shards is on a read-only filesystem (EROFS: Read-only file system); ")
     assert line.endswith(f"1/3 shards committed and kept; remount it read-write, then run `factory resume {out}`"), line
     assert "Traceback" not in p.stderr and "could not write the failure record" in p.stderr, p.stderr[-3000:]
     assert (out / "failed" / "mifa-000001.json").read_bytes() == before
@@ -162,10 +166,13 @@ def test_only_faults_no_retry_fixes_stop_the_build(tmp_path):
         assert fatal_os_error(ray.exceptions.RayTaskError("run", "", other)) is None
     assert isinstance(OSError(errno.EACCES, "x"), PermissionError)  # what s3fs raises for AccessDenied
 
-    stop = storage_stop(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "shards")), Layout(str(tmp_path)))
+    denied = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "shards"))
+    stop = storage_stop(denied, Layout(str(tmp_path)))
     stop.committed, stop.num_shards = 2, 5
     assert isinstance(stop, BuildStopped) and stop.code == EXIT_STORAGE
-    assert str(stop).startswith(f"build stopped: {tmp_path}/shards is not writable (permission denied) (EACCES: Permission denied); ")
+    assert str(stop).startswith(
+        f"build stopped: {tmp_path}/shards is not writable (permission denied) (EACCES: Permission denied); "
+    )
     assert str(stop).endswith(
         f"bytes free there; 2/5 shards committed and kept; give this user write access to OUT, then run "
         f"`factory resume {tmp_path}`"
