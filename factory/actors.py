@@ -168,10 +168,10 @@ class ShardWorker:
     """
 
     def __init__(self) -> None:
-        self._live = (0, 0)
+        self._live: tuple[int, int, dict[str, Any]] = (0, 0, {})
 
-    def live(self) -> tuple[int, int]:
-        """(accepted, candidates) of the shard running now, as of its last round."""
+    def live(self) -> tuple[int, int, dict[str, Any]]:
+        """(accepted, candidates, expander stats) of the shard running now, as of its last round."""
         return self._live
 
     def where(self) -> dict[str, str]:
@@ -195,10 +195,10 @@ class ShardWorker:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         cfg = FactoryConfig.model_validate(cfg_dict)
-        self._live = (0, 0)
+        self._live = (0, 0, {})
 
-        def on_round(accepted: int, candidates: int) -> None:
-            self._live = (accepted, candidates)
+        def on_round(accepted: int, candidates: int, expand: dict[str, Any]) -> None:
+            self._live = (accepted, candidates, expand)
 
         return run_shard(
             cfg,

@@ -1,5 +1,8 @@
 """The `factory` command: build, resume, verify, report, eval, train, data extract-disfa, detectors train.
 
+Exit codes of build and resume: 0 done, 1 shards failed (a resume retries them), 2 bad input, 3
+OUT's storage refuses writes, 4 too many prompts fell back to the grammar (factory/stops.py).
+
 Heavy imports (ray, torch) happen inside the commands that need them, so `--help`, `--dry-run`
 and `report` stay fast and small.
 """
@@ -45,6 +48,8 @@ def _finish(summary) -> None:  # noqa: ANN001 - BuildSummary, imported lazily
         f"samples ({summary.skipped} shards were already done) in {summary.seconds:.1f} s; rejected: {rej}",
         err=True,
     )
+    if summary.llm is not None:  # a user who asked for LLM prompts learns how many the grammar wrote
+        typer.echo(f"prompts from {summary.llm}: {summary.prompts.describe()}", err=True)
     actors = [*summary.generators, *summary.detectors]
     if actors:
         typer.echo(f"shards ran {summary.shards_seconds:.1f} s; actor busy fraction over that window:", err=True)
@@ -164,11 +169,14 @@ def _run(cfg: FactoryConfig, out: str, new_build: bool) -> None:
     from detectors.spec import SpecError
 
     from .graph import run_build
+    from .stops import BuildStopped
 
     try:
         summary = run_build(cfg, out, new_build=new_build)
     except (ConfigError, SpecError, FileNotFoundError, ConnectionError) as err:
         _fail(str(err))
+    except BuildStopped as stop:  # committed shards are kept; the line says how to go on
+        _fail(str(stop), stop.code)
     _finish(summary)
 
 

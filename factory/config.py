@@ -118,6 +118,19 @@ def _weights(v: dict, allowed: tuple, what: str) -> dict:
     return v
 
 
+class ExpandSection(ExpandConfig):
+    """The expander's own keys (pipelines/prompts/config.py) and when the build gives up on it."""
+
+    max_fallback_share: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="stop the build (committed shards kept) once more than this share of this run's prompts fell "
+        "back to the grammar, judged over at least 50 prompts: an LLM endpoint that fails most requests "
+        "(0: stop at the first fallback, 1: never stop; the grammar backend never falls back)",
+    )
+
+
 class PuppetConfig(_Section):
     """The procedural renderer: the test domain's generator, and the exemplars of puppet identities."""
 
@@ -280,9 +293,10 @@ class RuntimeConfig(_Section):
 
 
 #: What a resume may change, and so what the build identity leaves out: the `runtime` section (how the
-#: graph runs) and the keys that decide when a shard gives up, never what a committed shard holds (a
-#: shard that fills its quotas draws the same candidates under any budget).
-RESUMABLE = ("runtime", "build.max_oversample", "build.shard_retries")
+#: graph runs) and the keys that decide when a shard or the build gives up, never what a committed
+#: shard holds (a shard that fills its quotas draws the same candidates under any budget). Being out
+#: of the identity, expand.max_fallback_share (added later) leaves the ids of older builds alone.
+RESUMABLE = ("runtime", "build.max_oversample", "build.shard_retries", "expand.max_fallback_share")
 
 
 #: Keys added after builds were made with this code: at their default (the behaviour before them)
@@ -304,7 +318,7 @@ class FactoryConfig(_Section):
     build: BuildConfig = BuildConfig()
     labels: LabelsConfig = LabelsConfig()
     plan: PlanConfig = PlanConfig()
-    expand: ExpandConfig = ExpandConfig()
+    expand: ExpandSection = ExpandSection()
     generator: Literal["puppet", "maugen"] = Field(
         "maugen",
         description="maugen: a trained MAUGen (maugen.checkpoint, by default the shipped builtin:tiny-puppet); "

@@ -2,7 +2,10 @@
 
 MIFA_FAULTS="write:3,generate:7" makes shard 3 fail at its write stage and shard 7 at generate,
 on every attempt. It exercises the real failure path (retries, OUT/failed/, exit code, resume)
-without touching the code under test; unset, it costs one dict lookup per stage.
+without touching the code under test; unset, it costs one dict lookup per stage. An item may
+name an errno, "write:1:ENOSPC": the stage then raises that OSError (a full disk, a read-only
+OUT, ...) instead of InjectedFault, so the build's handling of storage faults can be tested
+without root or a real full disk.
 
 MIFA_INJECT="blank:0.05,noise:0.05,wrong_expression:0.05" spoils that fraction of generated
 samples after the generator returns (chosen by a hash of the sample key, so a re-run spoils the
@@ -19,6 +22,7 @@ they are.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -38,13 +42,18 @@ class InjectedFault(RuntimeError):
     """Raised where MIFA_FAULTS asks for a failure."""
 
 
-def parse(spec: str) -> set[tuple[str, int]]:
+def parse(spec: str) -> set[tuple[str, int, str | None]]:
+    """{(stage, shard, errno name or None)} of a MIFA_FAULTS value."""
     out = set()
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        stage, _, shard = item.partition(":")
-        if stage not in STAGES or not shard.isdigit():
-            raise ValueError(f"{ENV}={spec!r}: items look like STAGE:SHARD with STAGE in {', '.join(STAGES)}")
-        out.add((stage, int(shard)))
+        stage, _, rest = item.partition(":")
+        shard, _, code = rest.partition(":")
+        if stage not in STAGES or not shard.isdigit() or (code and not isinstance(getattr(errno, code, None), int)):
+            raise ValueError(
+                f"{ENV}={spec!r}: items look like STAGE:SHARD or STAGE:SHARD:ERRNO with STAGE in {', '.join(STAGES)} "
+                "and ERRNO a name such as ENOSPC"
+            )
+        out.add((stage, int(shard), code or None))
     return out
 
 
@@ -57,18 +66,21 @@ def wrap(stages: S, shard: int, injected: dict[str, list[str]]) -> S:
     MIFA_INJECT asks; what was spoiled is added to `injected` ({kind: keys})."""
     spec = os.environ.get(ENV, "")
     changes: dict[str, Callable[..., Any]] = {}
-    for stage, s in sorted(parse(spec)):
+    for stage, s, code in sorted(parse(spec), key=str):
         fn = getattr(stages, stage)
         if s == shard and fn is not None:
-            changes[stage] = _failing(stage, shard, spec)
+            changes[stage] = _failing(stage, shard, spec, code)
     inject = os.environ.get(INJECT_ENV)
     if inject and "generate" not in changes:
         changes["generate"] = _spoiling(stages.generate, parse_inject(inject), injected)  # type: ignore[attr-defined]
     return dataclasses.replace(stages, **changes) if changes else stages  # type: ignore[type-var]
 
 
-def _failing(stage: str, shard: int, spec: str) -> Callable[..., Any]:
+def _failing(stage: str, shard: int, spec: str, code: str | None) -> Callable[..., Any]:
     def fail(*args: Any, **kwargs: Any) -> Any:
+        if code is not None:
+            n = getattr(errno, code)
+            raise OSError(n, f"{os.strerror(n)} (injected at stage {stage} of shard {shard}, {ENV}={spec})")
         raise InjectedFault(f"injected fault at stage {stage} of shard {shard} ({ENV}={spec})")
 
     return fail

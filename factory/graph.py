@@ -21,6 +21,7 @@ from typing import Any
 from .actors import ActorBusy, actor_busy, error_cause, short_error, start_model_actors
 from .cluster import check_resources, client_auth_mode, generator_count, init_ray
 from .config import ConfigError, FactoryConfig
+from .fallbacks import FallbackCount, endpoint, fallback_stop, shards_count
 from .layout import Layout
 from .manifest import clean_uncommitted, clear_failure, record_failure, scan
 from .plan import Plan
@@ -28,6 +29,7 @@ from .pool import Assignment, StagePool, WorkerPool
 from .progress import BuildProgress
 from .record import prepare_output
 from .sampler import QuotaExhaustedError
+from .stops import BuildStopped, fatal_os_error, storage_stop
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ class BuildSummary:
     shards_seconds: float = 0.0
     generators: list[ActorBusy] = field(default_factory=list)
     detectors: list[ActorBusy] = field(default_factory=list)
+    #: Prompts of every committed shard that fell back to the grammar; `llm` names the endpoint
+    #: (None for the grammar backend, which has no fallback).
+    prompts: FallbackCount = field(default_factory=FallbackCount)
+    llm: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -69,22 +75,41 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     """Build or resume OUT until every shard is committed or has run out of retries."""
     if os.environ.get("RAY_ADDRESS"):
         client_auth_mode()  # before ray is imported: it reads the mode once
-    import ray
-
     t0 = time.time()
     _preflight_expander(cfg)
+    layout = Layout(out)
+    plan = Plan(cfg)
+    try:
+        summary = _build(cfg, out, new_build, plan)
+    except BuildStopped as stop:
+        _count_committed(stop, layout, cfg.identity_hash(), plan.num_shards)
+        raise
+    except OSError as err:  # the driver's own writes: build.json, cleaning, failed/ records
+        fatal = fatal_os_error(err)
+        if fatal is None:
+            raise
+        stop = storage_stop(fatal, layout)
+        _count_committed(stop, layout, cfg.identity_hash(), plan.num_shards)
+        raise stop from None
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def _build(cfg: FactoryConfig, out: str, new_build: bool, plan: Plan) -> BuildSummary:
+    """Prepare OUT, then run its pending shards on Ray (started here unless one is already running)."""
+    import ray
+
     layout, record = prepare_output(cfg, out, new_build=new_build)
     build_id = record["build_id"]
-    plan = Plan(cfg)
     state = scan(layout, build_id)
     clean_uncommitted(layout, state.committed)
     summary = BuildSummary(out, build_id, plan.target, plan.num_shards, cfg.build.shard_prefix)
     summary.skipped = summary.committed = len(state.committed)
     summary.accepted = sum(int(s.get("samples", 0)) for s in state.committed.values())
+    summary.prompts, summary.llm = shards_count(list(state.committed.values())), endpoint(cfg)
     pending = deque(i for i in range(plan.num_shards) if plan.shard_name(i) not in state.committed)
     if not pending:
         log.info("%s: all %d shards already committed", out, plan.num_shards)
-        summary.seconds = time.time() - t0
         return summary
     log.info(
         "build %s: %d shards, %d committed, %d to run -> %s",
@@ -100,8 +125,18 @@ def run_build(cfg: FactoryConfig, out: str, new_build: bool = False) -> BuildSum
     finally:
         if started:
             ray.shutdown()
-    summary.seconds = time.time() - t0
     return summary
+
+
+def _count_committed(stop: BuildStopped, layout: Layout, build_id: str, num_shards: int) -> None:
+    """Put the shards committed on disk into the stop's line. Read after every writer has stopped,
+    so shards that committed while the stop was on its way count too."""
+    try:
+        stop.committed = len(scan(layout, build_id).committed)
+    except OSError as err:
+        log.warning("could not count the committed shards in %s: %s", layout.out, err)
+        return
+    stop.num_shards = num_shards
 
 
 def _preflight_expander(cfg: FactoryConfig) -> None:
@@ -181,6 +216,9 @@ class _Scheduler:
             plan.target, plan.num_shards, enabled=cfg.runtime.progress, trace=cfg.runtime.progress_trace
         )
         self.t_first: float | None = None
+        # prompts of this run that fell back: committed shards, and the shards in flight so far
+        self.run_prompts = FallbackCount()
+        self.live_prompts: dict[int, FallbackCount] = {}
 
     def run(self) -> None:
         import ray
@@ -201,7 +239,10 @@ class _Scheduler:
                     self._finished(ref)
             self.pool.replace()
             if self.in_flight and self.progress.live_due():
-                self.progress.live(_poll_live(self.in_flight))
+                live = _poll_live(self.in_flight)
+                self.progress.live({i: (a, c) for i, (a, c, _) in live.items()})
+                self.live_prompts.update({i: FallbackCount().add(e) for i, (_, _, e) in live.items()})
+                self._check_fallbacks()
             self.progress.tick()
         if self.pool.lost:
             # A worker killed mid-shard leaves that attempt's temporary files; the shard was
@@ -243,43 +284,82 @@ class _Scheduler:
         self.pool.release(job.slot)
         name, s = self.plan.shard_name(job.index), self.summary
         self.committed.add(name)
-        clear_failure(self.layout, name)
+        try:
+            clear_failure(self.layout, name)
+        except OSError as err:  # a stale note; a storage fault that every shard meets stops the build
+            fatal = fatal_os_error(err)
+            if fatal is not None:
+                raise storage_stop(fatal, self.layout) from None
+            log.warning("could not remove the old failure record of shard %s: %s", name, short_error(err))
         s.committed += 1
         s.accepted += int(stats["samples"])
         s.candidates += int(stats["candidates"])
         for reason, n in stats["rejected"].items():
             s.rejected[reason] = s.rejected.get(reason, 0) + int(n)
+        s.prompts.add(stats.get("expand") or {})
+        self.run_prompts.add(stats.get("expand") or {})
+        self.live_prompts.pop(job.index, None)
+        self._check_fallbacks(stop=False)  # the progress line of this commit shows the share already
         self.progress.shard_done(int(stats["samples"]), int(stats["candidates"]), s.rejected, job.index)
         del self.attempts[job.index]
+        self._check_fallbacks()
+
+    def _check_fallbacks(self, stop: bool = True) -> None:
+        """Show this run's share of prompts that fell back (LLM only) and, with `stop`, stop the build
+        once it is past expand.max_fallback_share."""
+        if self.summary.llm is None:
+            return
+        seen = sum(self.live_prompts.values(), self.run_prompts)
+        self.progress.prompts(seen)
+        if stop and seen.exceeds(self.cfg.expand.max_fallback_share):
+            raise fallback_stop(self.cfg, seen, self.layout.out)
 
     def _failed(self, job: InFlight, err: BaseException) -> None:
+        """Retry the shard, or record it in OUT/failed/; a storage fault stops the build instead."""
         name = self.plan.shard_name(job.index)
+        self.live_prompts.pop(job.index, None)  # a retry asks its prompts again (from the cache)
+        fatal = fatal_os_error(err)
+        if fatal is not None:  # a full disk, a read-only OUT: every other shard would meet it too
+            self._record(name, error_record(name, job.index, err, job.attempt), stopping=True)
+            raise storage_stop(fatal, self.layout) from None
         if job.attempt <= self.cfg.build.shard_retries and not deterministic(err):
             log.warning("shard %s attempt %d failed (%s); retrying", name, job.attempt, short_error(err))
             self.pending.appendleft(job.index)
             self.progress.shard_retried(job.index)
             return
         rec = error_record(name, job.index, err, job.attempt)
-        record_failure(self.layout, name, rec)
+        self._record(name, rec)
         self.summary.failed[name] = rec["error"]
         log.error("shard %s failed after %d attempts: %s", name, job.attempt, rec["error"])
         self.progress.shard_failed(job.index)
 
+    def _record(self, name: str, rec: dict[str, Any], stopping: bool = False) -> None:
+        """Write OUT/failed/NAME.json. It is a note for `report` and the user, so a write that fails
+        never takes the driver down: a storage fault stops the build (unless it is stopping already),
+        anything else is logged and the build goes on."""
+        try:
+            record_failure(self.layout, name, rec)
+        except OSError as err:
+            fatal = fatal_os_error(err)
+            if fatal is not None and not stopping:
+                raise storage_stop(fatal, self.layout) from None
+            log.warning("could not write the failure record of shard %s: %s", name, short_error(err))
 
-def _poll_live(in_flight: dict[Any, InFlight]) -> dict[int, tuple[int, int]]:
-    """(accepted, candidates) so far of each shard in flight, asked of its worker. A worker that
-    does not answer within a second is left out: if it died, the shard's own result says so."""
+
+def _poll_live(in_flight: dict[Any, InFlight]) -> dict[int, tuple[int, int, dict[str, Any]]]:
+    """(accepted, candidates, expander stats) so far of each shard in flight, asked of its worker. A
+    worker that does not answer within a second is left out: if it died, the shard's own result says so."""
     import ray
 
     asked = {job.slot.worker.live.remote(): job.index for job in in_flight.values()}
     ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=1.0)
-    live: dict[int, tuple[int, int]] = {}
+    live: dict[int, tuple[int, int, dict[str, Any]]] = {}
     for ref in ready:
         try:
-            accepted, candidates = ray.get(ref)
+            accepted, candidates, expand = ray.get(ref)
         except Exception:  # noqa: BLE001 - progress is best effort; the shard's result reports failures
             continue
-        live[asked[ref]] = (int(accepted), int(candidates))
+        live[asked[ref]] = (int(accepted), int(candidates), dict(expand))
     return live
 
 

@@ -10,6 +10,12 @@ readers see no object or the whole one, never a prefix. So there objects go stra
 final keys, each upload is checked (size) before the next step, and an interrupted upload is
 aborted, never completed. The stats marker is still written last; a tar or parquet without a
 valid marker is garbage that a resume deletes and redoes.
+
+Transient store errors (503 SlowDown, 500, a reset connection) are retried by botocore in its
+"standard" mode, with exponential backoff and jitter, up to S3_MAX_ATTEMPTS tries per request
+(s3fs adds its own few retries for SlowDown on top). `store_retries()` counts botocore's retries
+of the requests that went through, so a shard's stats say how flaky its store was; aiohttp's own
+immediate re-send of an idempotent request whose reused connection the store reset is not seen.
 """
 
 from __future__ import annotations
@@ -28,6 +34,16 @@ TMP_PREFIX = ".tmp-"
 
 #: fsspec protocols of object stores: whole-object writes are atomic, renames are copy + delete.
 OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+#: Tries per S3 request (botocore's default is 3 in standard mode): a store that sheds load for
+#: tens of seconds is waited out (backoff up to 20 s a try) rather than failing the shard.
+S3_MAX_ATTEMPTS = 8
+_S3_RETRIES = [0]  # retries of this process's S3 requests that went through (botocore's RetryAttempts)
+
+
+def _count_retries(parsed: Any = None, **_: Any) -> None:
+    """botocore after-call hook: add the retries the request took before it went through."""
+    if isinstance(parsed, dict):
+        _S3_RETRIES[0] += int(parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
 
 
 class Layout:
@@ -38,9 +54,21 @@ class Layout:
         protocol = fsspec.core.split_protocol(self.out)[0]
         # Object stores: no listing cache. Other processes (shard tasks, other nodes) write the
         # keys this process lists, and a cached listing would hide their commits.
-        opts = {"use_listings_cache": False} if protocol in OBJECT_STORE_PROTOCOLS else {}
+        opts: dict[str, Any] = {"use_listings_cache": False} if protocol in OBJECT_STORE_PROTOCOLS else {}
+        if protocol in ("s3", "s3a"):
+            opts["config_kwargs"] = {"retries": {"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS}}
         self.fs, self.root = fsspec.core.url_to_fs(self.out, **opts)
         self.root = self.root.rstrip("/") or "/"
+        self._counting = False
+
+    def store_retries(self) -> int:
+        """Retries of this process's S3 requests so far (0 elsewhere): a shard's count is the
+        difference over its run (a shard worker runs one shard at a time)."""
+        if not self._counting and hasattr(self.fs, "connect") and hasattr(self.fs, "call_s3"):
+            client = self.fs.connect()  # s3fs's aiobotocore client, made once per filesystem instance
+            client.meta.events.register("after-call.s3", _count_retries, unique_id="mifa-store-retries")
+            self._counting = True
+        return _S3_RETRIES[0]
 
     def __repr__(self) -> str:
         return f"Layout({self.out!r})"
@@ -126,10 +154,21 @@ class Layout:
             self.check_uploaded(path, len(data))
             return
         tmp = self.temp_path(path)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-            _fsync(f)
-        self.fs.mv(tmp, path)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+                _fsync(f)
+            self.fs.mv(tmp, path)
+        except BaseException:
+            self._remove_quietly(tmp)  # a full disk keeps no half-written temporary file
+            raise
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        except OSError as err:
+            log.warning("could not remove %s: %s", path, err)
 
     def check_uploaded(self, path: str, size: int) -> None:
         """Raise unless the store holds PATH with SIZE bytes: what a later commit marker relies on."""

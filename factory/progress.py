@@ -13,6 +13,10 @@ import json
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .fallbacks import FallbackCount
 
 log = logging.getLogger("factory.progress")
 
@@ -98,6 +102,7 @@ class BuildProgress:
         self._eta_text = format_eta(None)
         self._seen: tuple[int, int, float] | None = None  # the counts the ETA was last updated on
         self._trace = trace
+        self._fallbacks = ""  # share of this run's prompts that fell back to the grammar (LLM expander only)
 
     def start(self, accepted: int, shards: int) -> None:
         self.accepted, self.shards = accepted, shards
@@ -143,7 +148,16 @@ class BuildProgress:
         kept = f"{self.accepted_fraction():.0%}" if self.candidates + cand else "-"
         failed = f" failed {self.failed}" if self.failed else ""
         live = f" ({acc} accepted in {len(self.in_flight)} in flight)" if self.in_flight else ""
-        return f"shards {self.shards}/{self.num_shards}{failed}{live} | {self._rate():.1f}/s | kept {kept} of candidates"
+        return (
+            f"shards {self.shards}/{self.num_shards}{failed}{live} | {self._rate():.1f}/s | kept {kept} of candidates"
+            f"{self._fallbacks}"
+        )
+
+    def prompts(self, seen: FallbackCount) -> None:
+        """This run's prompt fallbacks, shown once any prompt was asked: a
+        user who asked for LLM prompts sees at once when the grammar stands in for them."""
+        if seen.share is not None:
+            self._fallbacks = f" | prompts fell back {seen.share:.0%}"
 
     def accepted_fraction(self) -> float:
         """Accepted / candidates this run, the shards in flight included."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from core.facs import AUS, EMOTIONS
 
+from .fallbacks import report_fields, report_line
 from .layout import TMP_PREFIX
 from .manifest import STATS_SUFFIX, Build, open_build
 from .plan import GRID
@@ -281,7 +282,7 @@ def build_report(
         "aus": aus,
         "balance": balance,
         "partial_emotions": {e: p.note for e, p in EMOTIONS.items() if p.partial},
-        "expand": dict(sums["expand"]),
+        "expand": dict(sums["expand"]) | report_fields(b.cfg, stats),
         "identities": identities_summary(b.cfg, stats),
         "storage": storage_summary(b.cfg, stats, n_accepted),
         "throughput": {
@@ -315,7 +316,9 @@ def _print_identities_and_storage(con: Any, rep: dict[str, Any]) -> None:
             )
     if st["bytes_per_sample"] is not None:
         q = f" quality {st['jpg_quality']}" if st["jpg_quality"] else ""
-        con.print(f"storage: {st['bytes_per_sample'] / 1e3:.1f} kB per sample ({st['image_format']}{q}, tar + parquet)")
+        retried = f"; {st['store_retries']} store requests retried" if st.get("store_retries") else ""
+        size = f"{st['bytes_per_sample'] / 1e3:.1f} kB per sample ({st['image_format']}{q}, tar + parquet)"
+        con.print(f"storage: {size}{retried}")
 
 
 def print_report(rep: dict[str, Any]) -> None:
@@ -333,6 +336,7 @@ def print_report(rep: dict[str, Any]) -> None:
     )
     if rate is not None:
         con.print(f"kept {rate:.1%} of {rep['candidates']} candidates")
+    con.print(f"prompts: {report_line(rep['expand'])}")
     _print_identities_and_storage(con, rep)
     t = Table(title="funnel and rejections")
     t.add_column("stage / reason")

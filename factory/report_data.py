@@ -186,4 +186,6 @@ def storage_summary(cfg: Any, stats: list[dict[str, Any]], n_accepted: int) -> d
         "jpg_quality": cfg.build.jpg_quality if cfg.build.image_format == "jpg" else None,
         "bytes": total,
         "bytes_per_sample": total / n_accepted if n_accepted else None,
+        # requests to an object store retried after a transient error (503 SlowDown, 500, a reset)
+        "store_retries": sum(int(s.get("store_retries", 0)) for s in stats),
     }

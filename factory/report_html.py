@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from . import report_plots as plots
+from .fallbacks import report_line
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ def _summary(rep: dict[str, Any]) -> str:
         ["accepted samples", f"{rep['accepted']:,} of {rep['target']:,} planned"],
         ["shards", f"{sh['done']} done, {sh['failed']} failed, {sh['pending']} pending of {sh['total']}"],
         ["candidates", f"{rep['candidates']:,}" + (f" (kept {rate:.1%})" if rate is not None else "")],
+        ["prompts", report_line(rep["expand"])],
         ["throughput", f"{speed:.1f} samples/s over {thr['wall_s']:.1f} s with shards running" if speed else "-"],
     ]
     out = _table(["", ""], rows)

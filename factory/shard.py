@@ -72,14 +72,15 @@ def run_shard(
     generator_info: dict[str, str] | None = None,
     detect: DetectFn | None = None,
     node: dict[str, str] | None = None,
-    on_round: Callable[[int, int], None] | None = None,
+    on_round: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Fill, write and commit shard `index`; returns its stats (the commit marker's content).
 
     `node` (Ray's node id and IP, and the shard worker's actor id, when run on Ray) goes into the
     stats next to the hostname: several Ray nodes may share one hostname (containers, network
-    namespaces). `on_round(accepted, candidates)` hears the counts so far after every round, for
-    the driver's progress while a long shard is still filling.
+    namespaces). `on_round(accepted, candidates, expand)` hears the counts so far after every round
+    (expand: the expander's stats as JSON), for the driver's progress and its fallback rule while a
+    long shard is still filling.
     """
     t0 = time.time()
     if cfg.detect.enabled and detect is None:
@@ -117,7 +118,8 @@ def run_shard(
             with ledger.timed("write"):
                 stages.write([c for c in cands if c.fate == ACCEPTED])
             if on_round is not None:
-                on_round(ledger.accepted, sampler.drawn)
+                expand = ledger.expand_stats.model_dump() if ledger.expand_stats is not None else {}
+                on_round(ledger.accepted, sampler.drawn, expand)
         t = time.perf_counter()
         ledger.skipped_exemplars.update(sampler.skipped_exemplars)
         stats = ledger.stats(sampler, attempt, node)

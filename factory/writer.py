@@ -119,6 +119,8 @@ class ShardWriter:
         self.jpg_quality = jpg_quality
         self.rows: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
+        # retries of the store's requests before this shard (object stores only; see layout.py)
+        self._retries0 = layout.store_retries() if layout.is_object_store else None
         # filesystem: a temporary name, renamed at commit; object store: the final key (see above)
         self._dest_tar = layout.tar(name) if layout.is_object_store else layout.temp_path(layout.tar(name))
         self._file = layout.fs.open(self._dest_tar, "wb")
@@ -191,6 +193,8 @@ class ShardWriter:
 
         stats = dict(stats)
         stats.update(committed=True, samples=len(self.rows), files=files)
+        if self._retries0 is not None:  # transient store errors this shard met and got past (marker's PUT aside)
+            stats["store_retries"] = self.layout.store_retries() - self._retries0
         self.layout.write_json_atomic(self.layout.stats(self.name), stats)
         return stats
 
@@ -213,12 +217,14 @@ class ShardWriter:
                     self.layout.discard_upload(self._file)
                 return
             if not self._closed:
-                try:
-                    self._tar.close()  # else the tarfile flushes into a closed file when collected
-                except (OSError, ValueError):
-                    pass
-                self._file.close()
                 self._closed = True
+                # the tarfile first, else it flushes into a closed file when collected; on a full disk
+                # both flushes fail again, and the file is closed (and removed below) all the same
+                for close in (self._tar.close, self._file.close):
+                    try:
+                        close()
+                    except (OSError, ValueError):
+                        pass
             if self.layout.fs.exists(self._dest_tar):
                 self.layout.fs.rm(self._dest_tar)
         except OSError as err:

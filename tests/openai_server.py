@@ -33,8 +33,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback_http import LoopbackHTTPServer, QuietHandler
 
 AUS = (1, 2, 4, 5, 6, 9, 12, 15, 17, 20, 25, 26)
 _PHRASES = {
@@ -86,8 +88,8 @@ def wrong_description(target: dict[str, int]) -> str:
     return "A face showing " + ", ".join(f"strongly {_PHRASES[au]}" for au in absent) + "."
 
 
-class FakeOpenAIServer:
-    """ThreadingHTTPServer on an ephemeral loopback port; records every request body."""
+class FakeOpenAIServer(LoopbackHTTPServer):
+    """An OpenAI-compatible server on an ephemeral loopback port; records every request body."""
 
     def __init__(self, default: str | Callable[[dict[str, Any]], Response] = "good"):
         self.default = default
@@ -100,31 +102,15 @@ class FakeOpenAIServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        super().__init__(self._handler_class())
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        return f"http://127.0.0.1:{self.port}/v1"
 
     def push(self, *behaviours: str | Callable[[dict[str, Any]], Response]) -> None:
         with self._lock:
             self.script.extend(behaviours)
-
-    def start(self) -> FakeOpenAIServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------------------------------
     def respond(self, body: dict[str, Any]) -> Response:
@@ -174,12 +160,7 @@ class FakeOpenAIServer:
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:  # keep pytest output clean
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     self._send(404, {"error": {"message": f"no route {self.path}"}})

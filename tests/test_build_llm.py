@@ -55,11 +55,20 @@ def test_llm_build_records_expander_and_resume_hits_the_cache(server, tmp_path):
     assert (out / "shards" / "mifa-000001.tar").read_bytes() == tar_before
 
 
-def test_llm_server_down_build_still_completes(tmp_path):
+def test_llm_server_down_stops_the_build_and_a_resume_may_accept_the_grammar(tmp_path):
+    """Nothing listens at base_url: the preflight only warns (a server may come back), every prompt
+    falls back, and past expand.max_fallback_share the build stops in one line, exit 4. A resume
+    that accepts fallbacks (expand.max_fallback_share=1) completes the corpus from the grammar."""
     with FakeOpenAIServer() as s:
         args = _llm_args(s, tmp_path / "out")
     # the server is stopped now: nothing listens on its port
-    factory("build", *args, "--set", "expand.llm.max_retries=0", check=True)
+    p = factory("build", *args, "--set", "expand.llm.max_retries=0", "--set", "runtime.max_shards_in_flight=1")
+    assert p.returncode == 4, p.stderr[-3000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("build stopped: 100% of ") and "fell back to the grammar (connection x" in line, line
+    assert f"at {s.base_url}; 1/2 shards committed and kept" in line and "Traceback" not in p.stderr, line
+    p = factory("resume", str(tmp_path / "out"), *SMALL_RAY, "--set", "expand.max_fallback_share=1")
+    assert p.returncode == 0, p.stderr[-3000:]
     metas = [
         json.loads(s["json"])
         for s in wds.WebDataset(sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar")), shardshuffle=False)
@@ -95,9 +104,49 @@ def test_html_replies_mid_build_are_invalid_replies_counted_as_fallbacks(server,
     """A 200 that is no chat completion inside a shard is retried, then the grammar stands in, counted."""
     out = tmp_path / "out"
     server.default = "html"
-    args = [*_llm_args(server, out), "--target", "20", "--shard-size", "10", "--set", "expand.llm.max_retries=1"]
+    args = [*_llm_args(server, out), "--target", "20", "--shard-size", "10", "--set", "expand.llm.max_retries=1",
+            "--set", "expand.max_fallback_share=1"]  # every prompt falls back: this test counts them  # fmt: skip
     factory("build", *args, check=True)
     stats = list(shard_stats(out).values())
     requests = sum(s["expand"]["requests"] for s in stats)
     assert requests >= 20 and sum(s["expand"]["fallbacks"] for s in stats) == requests
     assert sum(s["expand"]["errors_by_kind"].get("reply_not_chat_completion", 0) for s in stats) == 2 * requests
+
+
+def test_an_endpoint_that_fails_its_requests_stops_the_build_past_max_fallback_share(server, tmp_path):
+    """The endpoint answers the preflight but 500s every prompt: the share of fallbacks shows in the
+    progress line, and past expand.max_fallback_share (0.2) the build stops in one line, exit 4,
+    the committed shard kept; after the fix `factory resume` goes on, and the summary and the
+    report (terminal, JSON, HTML) say how many prompts the grammar wrote."""
+    out = tmp_path / "out"
+    server.default = "error_500"
+    args = [*_llm_args(server, out), "--set", "expand.llm.max_retries=0", "--set", "runtime.max_shards_in_flight=1",
+            "--target", "60", "--shard-size", "20"]  # fmt: skip
+    p = factory("build", *args, "--set", "runtime.progress=true")
+    assert p.returncode == 4, p.stderr[-3000:]
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("build stopped: 100% of ") and "prompts fell back to the grammar (http_500 x" in line, line
+    assert "in this run, over expand.max_fallback_share=0.2; " in line, line
+    assert f"LLM endpoint: model test-model at {server.base_url}; 1/3 shards committed and kept; " in line, line
+    assert line.endswith(f"(`--set expand.max_fallback_share=X` on the resume), then run `factory resume {out}`"), line
+    assert "Traceback" not in p.stderr and "| prompts fell back 100%" in p.stderr, p.stderr[-3000:]
+    kept = {f.name: f.read_bytes() for f in (out / "shards").iterdir()}
+    assert sorted(kept) == ["mifa-000000.parquet", "mifa-000000.stats.json", "mifa-000000.tar"]
+    stats0 = json.loads(kept["mifa-000000.stats.json"])["expand"]
+    assert stats0["fallbacks"] == stats0["requests"] == stats0["errors_by_kind"]["fallback_http_500"]
+
+    server.default = "good"  # the endpoint is fixed: the resume's own prompts do not fall back
+    p = factory("resume", str(out), *SMALL_RAY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {n: (out / "shards" / n).read_bytes() for n in kept} == kept
+    requests = sum(s["expand"]["requests"] for s in shard_stats(out).values())
+    share = stats0["requests"] / requests
+    summary = f"prompts from model test-model at {server.base_url}: {share:.0%} of {requests:,} prompts fell back"
+    assert summary in p.stderr, p.stderr[-3000:]
+
+    rep = json.loads(factory("report", str(out), "--json", "--html", str(tmp_path / "r.html"), check=True).stdout)
+    assert rep["expand"]["fallback_share"] == pytest.approx(share) and rep["expand"]["backend"] == "llm"
+    assert rep["expand"]["fallback_reasons"] == {"http_500": stats0["requests"]}
+    told = f"{share:.0%} of {requests:,} prompts fell back to the grammar (http_500 x{stats0['requests']})"
+    assert told in factory("report", str(out), check=True).stdout
+    assert told in (tmp_path / "r.html").read_text()

@@ -101,11 +101,15 @@ def test_a_shard_reports_its_counts_after_every_round(tmp_path):
                              "detect.enabled=false"])  # fmt: skip
     actor = GeneratorActor(cfg.model_dump(mode="json"))
     rounds: list[tuple[int, int]] = []
+    expand: list[dict] = []  # the expander's stats so far, for the driver's fallback rule
     Layout(str(tmp_path)).makedirs()
-    stats = run_shard(cfg, 0, str(tmp_path), actor.generate, "b0", on_round=lambda a, c: rounds.append((a, c)))
+    stats = run_shard(
+        cfg, 0, str(tmp_path), actor.generate, "b0", on_round=lambda a, c, e: (rounds.append((a, c)), expand.append(e))
+    )
     assert len(rounds) >= 5 and rounds == sorted(rounds)
     assert all(0 < c - prev_c <= 8 for (_, c), (_, prev_c) in zip(rounds[1:], rounds))
     assert rounds[-1] == (stats["samples"], stats["candidates"]) == (40, stats["candidates"])
+    assert expand[-1] == stats["expand"] and expand[-1]["requests"] == stats["candidates"]
 
 
 def test_the_progress_counts_shards_in_flight_until_they_commit(caplog, monkeypatch):

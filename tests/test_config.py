@@ -110,6 +110,30 @@ def test_an_unreadable_build_json_is_refused_unless_new_build_deletes_it(tmp_pat
     assert not (out / "shards" / "mifa-000000.tar").exists()
 
 
+def test_a_corrupt_build_json_stops_every_command_in_one_line_and_a_restored_one_resumes(tmp_path):
+    """build, resume, verify and report on an OUT whose build.json is cut short: exit 2, one line
+    naming the file and both fixes, nothing touched; with the file restored the resume completes."""
+    from conftest import FAST, SMALL_RAY, factory
+
+    out = tmp_path / "out"
+    args = ["--target", "10", "--shard-size", "10", "--out", str(out), *FAST]
+    prepare_output(load_config(None, ["generator=puppet", "build.target=10", "build.shard_size=10"]), str(out))
+    good = (out / "build.json").read_bytes()
+    (out / "build.json").write_bytes(good[: len(good) // 2])  # a copy that stopped half-way
+    for command in (["build", *args], ["resume", str(out)], ["verify", str(out)], ["report", str(out)]):
+        p = factory(*command)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (command, p.stderr[-2000:])
+        assert last.startswith(f"{out}/build.json is unreadable or not a factory build record (JSONDecodeError: "), last
+        assert last.endswith(f"restore it from the run that made OUT, or start over with `factory build --out {out} "
+                             "--new-build` and its config"), last  # fmt: skip
+    assert not list((out / "shards").iterdir())
+
+    (out / "build.json").write_bytes(good)
+    p = factory("resume", str(out), *SMALL_RAY)
+    assert p.returncode == 0 and (out / "shards" / "mifa-000000.stats.json").exists(), p.stderr[-2000:]
+
+
 def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
     """One list decides both: every key `resumable` accepts is absent from identity_dict, every other
     key of the config is in it."""
@@ -126,6 +150,10 @@ def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
     everything, identity = keys(cfg.model_dump(mode="json")), keys(cfg.identity_dict())
     assert {k for k in everything if resumable(k)} == everything - identity
     assert {"runtime.num_generators", "build.max_oversample", "build.shard_retries"} <= everything - identity
+    # when a build gives up on its LLM endpoint is no part of what it writes: ids made before the key stay
+    assert "expand.max_fallback_share" in everything - identity
+    lenient = FactoryConfig.model_validate({"expand": {"max_fallback_share": 0.9}})
+    assert lenient.identity_hash() == FactoryConfig().identity_hash()
     assert not resumable("build.seed") and not resumable("runtimes.x") and not resumable("build.max_oversampled")
 
 

@@ -9,6 +9,7 @@ inherit the driver's AWS_ENDPOINT_URL.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
@@ -172,3 +173,63 @@ def test_writer_on_s3_publishes_nothing_until_complete(s3_env, monkeypatch):
     assert steps == [f"check {paths[0]}"] + [f"{s} {p}" for p in paths[1:] for s in ("put", "check")]
     assert scan(layout, "b").committed["mifa-000001"]["files"] == stats["files"]
     assert _listing(fs, layout.shards_dir) == ["mifa-000001.parquet", "mifa-000001.stats.json", "mifa-000001.tar"]
+
+
+@pytest.fixture
+def flaky_s3(s3_env):
+    """The moto server behind S3FaultProxy: (env whose AWS_ENDPOINT_URL is the proxy, client, proxy)."""
+    from s3_fault_proxy import S3FaultProxy
+
+    env, fs = s3_env
+    # s3fs caches filesystems by their arguments, not by the AWS_ENDPOINT_URL they read: one made
+    # earlier in this process would bypass the proxy, and one made here would outlive it
+    type(fs).clear_instance_cache()
+    with S3FaultProxy(env["AWS_ENDPOINT_URL"]) as proxy:
+        yield {**env, "AWS_ENDPOINT_URL": proxy.url}, fs, proxy
+    type(fs).clear_instance_cache()
+
+
+def test_transient_s3_errors_during_a_multipart_upload_are_retried_and_counted(flaky_s3, monkeypatch):
+    """503 SlowDown on a part, 500 on the completion, a reset connection twice on the parquet PUT:
+    each request is retried with backoff, the shard commits whole, and its stats count 3 retries.
+    (aiohttp re-sends an idempotent request at once, uncounted, when the store resets a reused
+    connection; botocore retries the second reset, counted.)"""
+    env, fs, proxy = flaky_s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    fs.mkdir(f"{BUCKET}-flaky")
+    layout = Layout(f"s3://{BUCKET}-flaky/out")
+    layout.makedirs()
+    monkeypatch.setattr(layout.fs, "default_block_size", 5 * 2**20)  # S3's smallest part: a multipart upload
+    proxy.push("slowdown", "partNumber=1")
+    proxy.push("error_500", "mifa-000000.tar?uploadId=")  # CompleteMultipartUpload
+    proxy.push("reset", "mifa-000000.parquet")
+    proxy.push("reset", "mifa-000000.parquet")
+    stats = _writer(layout, "mifa-000000", n=2, side=1100).commit({"build_id": "b", "name": "mifa-000000"})
+    assert [f for f, _, _ in proxy.faults] == ["slowdown", "error_500", "reset", "reset"] and not proxy.script
+    assert stats["store_retries"] == 3
+    assert hashlib.sha256(fs.cat(layout.tar("mifa-000000"))).hexdigest() == stats["files"]["tar"]["sha256"]
+    assert scan(layout, "b").committed["mifa-000000"]["store_retries"] == 3
+    assert _uploads(fs, f"{BUCKET}-flaky/out") == []
+
+
+def test_a_build_to_flaky_s3_completes_and_reports_its_retries(flaky_s3):
+    """`factory build` to S3 through the faulty proxy: the shard workers retry too (their Layout
+    carries the retry config), the build exits 0, verifies, and `report` sums the retries."""
+    env, fs, proxy = flaky_s3
+    fs.mkdir(f"{BUCKET}-flaky2")
+    url = f"s3://{BUCKET}-flaky2/mifa"
+    proxy.push("slowdown", "mifa-000000.tar")
+    proxy.push("error_500", "mifa-000001.parquet")
+    proxy.push("slowdown", "mifa-000001.tar")
+    p = factory("build", "--out", url, "--target", "20", "--shard-size", "10", *FAST, "--set", "build.shard_retries=0",
+                env=env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(proxy.faults) == 3 and not proxy.script
+    markers = [json.loads(fs.cat(f"{BUCKET}-flaky2/mifa/shards/mifa-00000{i}.stats.json")) for i in range(2)]
+    assert [m["store_retries"] for m in markers] == [1, 2] and all(m["attempt"] == 1 for m in markers)
+    v = factory("verify", url, env=env)
+    assert v.returncode == 0 and "2/2 shards verified, 20 samples" in v.stdout, v.stdout + v.stderr[-2000:]
+    rep = json.loads(factory("report", url, "--json", env=env, check=True).stdout)
+    assert rep["storage"]["store_retries"] == 3
+    assert "; 3 store requests retried" in factory("report", url, env=env, check=True).stdout
