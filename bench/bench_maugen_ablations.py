@@ -84,7 +84,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for row in rows:
         final = Path(args.full) if (row == "full" and args.full) else train_row(row, Path(args.out), args.steps, args.config)
-        results[row], _ = fidelity(str(final), n=args.n, steps=args.sampling_steps, scheduler=args.scheduler)
+        results[row], _, _ = fidelity(str(final), n=args.n, steps=args.sampling_steps, scheduler=args.scheduler)
     base = results.get("full")
     print(
         f"Table 3 on puppet faces: {args.steps} training steps per row, {args.n} held-out identities each, "

@@ -12,7 +12,9 @@ from .spec import SpecError, Task, load_spec
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 PREFIX = "builtin:"
-BUILTIN_MODELS: tuple[str, ...] = ("au-cnn", "au-resnet", "au-vit", "realism", "identity")
+BUILTIN_MODELS: tuple[str, ...] = (
+    "au-cnn", "au-resnet", "au-vit", "realism", "identity", "eval-au", "eval-identity",
+)
 
 
 def resolve(ref: str) -> Path:

@@ -5,6 +5,9 @@
     au-cnn, au-resnet, au-vit   AU detectors (occurrence logits + intensity), three architectures
     realism                      realism discriminator (renders vs degraded / off-domain / broken)
     identity                     identity encoder (ArcFace margin loss over training identities)
+    eval-au, eval-identity       the evaluation panel: a GroupNorm-CNN AU evaluator and a ResNet identity
+                                 evaluator, trained on the `evaluator` split's own identities and seed;
+                                 nothing in MAUGen's training or a build's filters uses them
 
 Each lands in its own folder: `model.onnx` (what the factory runs), `spec.yaml` (how to run it,
 with the file's sha256), `torch/` (diffusers-style weights for parity tests, benchmarks and the
@@ -29,7 +32,7 @@ from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD
 from core.identity_net import IdentityNet
 
 from . import data
-from .models import AU_ARCHS, ArcFaceHead, AUDetectorNet, RealismNet
+from .models import AU_ARCHS, ArcFaceHead, AUDetectorNet, IdentityResNet, RealismNet
 from .spec import file_sha256
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,9 @@ class TrainRecipe(BaseModel):
     noise: float = Field(0.02, ge=0.0, description="std of the additive noise augmentation (normalised units)")
     image_size: int = 64
     seed: int = 0
+    split: Literal["train", "evaluator"] = Field(
+        "train", description="identity stream of the training renders; `evaluator` is the panel's own"
+    )
     workers: int = Field(2, ge=1, description="processes that render the puppet data")
 
 
@@ -172,7 +178,9 @@ def _input_spec(size: int) -> dict[str, Any]:
 # AU detectors
 
 
-def train_au(arch: str, out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> dict[str, Any]:
+def train_au(
+    arch: str, out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE, name: str | None = None
+) -> dict[str, Any]:
     """Train one AU detector on puppet renders, export it, evaluate the ONNX model on held-out identities."""
     if arch not in AU_ARCHS:
         raise ValueError(f"AU detector arch must be one of {AU_ARCHS}, got {arch!r}")
@@ -181,7 +189,7 @@ def train_au(arch: str, out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -
     torch.manual_seed(recipe.seed)
     t0 = time.time()
     train = data.au_set(
-        recipe.train_samples, recipe.train_people, "train", recipe.seed, recipe.image_size, recipe.workers
+        recipe.train_samples, recipe.train_people, recipe.split, recipe.seed, recipe.image_size, recipe.workers
     )
     log.info("au-%s: rendered %d training images in %.0f s", arch, len(train.images), time.time() - t0)
     x_all = to_input(train.images)
@@ -200,7 +208,7 @@ def train_au(arch: str, out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -
         out,
         {
             "task": "au_detector",
-            "name": f"puppet-au-{arch}",
+            "name": f"puppet-{name or 'au-' + arch}",
             "model": "model.onnx",
             "input": _input_spec(recipe.image_size),
             "aus": list(AUS),
@@ -305,17 +313,26 @@ def evaluate_realism(spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE
 # Identity encoder
 
 
-def train_identity(out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> dict[str, Any]:
+def train_identity(
+    out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE, arch: str | None = None, name: str = "identity"
+) -> dict[str, Any]:
+    """The identity encoder (`arch` None: core's IdentityNet, what MAUGen carries) or the panel's
+    `resnet` identity evaluator, with an ArcFace margin over the training identities."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     t0 = time.time()
     train = data.au_set(
-        recipe.train_samples, recipe.train_people, "train", recipe.seed + 7, recipe.image_size, recipe.workers
+        recipe.train_samples, recipe.train_people, recipe.split, recipe.seed + 7, recipe.image_size, recipe.workers
     )
     x_all = to_input(train.images)
     who = torch.from_numpy(train.identity.astype(np.int64))
-    net = IdentityNet(image_size=recipe.image_size, width=recipe.width)
+    if arch not in (None, "resnet"):
+        raise ValueError(f"identity encoder arch must be None (IdentityNet) or 'resnet', got {arch!r}")
+    net: torch.nn.Module = (
+        IdentityNet(image_size=recipe.image_size, width=recipe.width) if arch is None
+        else IdentityResNet(image_size=recipe.image_size, width=recipe.width)
+    )
     head = ArcFaceHead(net.config.dim, recipe.train_people)
 
     def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -330,7 +347,7 @@ def train_identity(out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> dic
         out,
         {
             "task": "identity",
-            "name": "puppet-identity",
+            "name": f"puppet-{name}",
             "model": "model.onnx",
             "input": _input_spec(recipe.image_size),
             "outputs": [{"kind": "embedding", "name": "embedding"}],
@@ -350,7 +367,7 @@ def train_identity(out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> dic
 
 
 @torch.no_grad()
-def net_embed(net: IdentityNet, images: np.ndarray) -> np.ndarray:
+def net_embed(net: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     net.eval()
     return np.concatenate([net(to_input(images[i : i + 256])).numpy() for i in range(0, len(images), 256)])
 
@@ -423,6 +440,9 @@ DEFAULT_MODELS: dict[str, tuple[Kind, str | None, dict[str, Any]]] = {
     "au-vit": ("au", "vit", {"epochs": 40, "lr": 1e-3}),
     "realism": ("realism", None, {"noise": 0.04}),
     "identity": ("identity", None, {"epochs": 8}),
+    # the evaluation panel: own identity stream (split) and seed, other architectures
+    "eval-au": ("au", "gncnn", {"epochs": 14, "split": "evaluator", "seed": 11}),
+    "eval-identity": ("identity", "resnet", {"epochs": 8, "split": "evaluator", "seed": 11}),
 }
 
 
@@ -440,7 +460,7 @@ def train_one(name: str, out_root: str | Path, recipe: TrainRecipe) -> dict[str,
     kind, arch, _ = DEFAULT_MODELS[name]
     out = Path(out_root) / name
     if kind == "au":
-        return train_au(str(arch), out, recipe)
+        return train_au(str(arch), out, recipe, name=name if name.startswith("eval-") else None)
     if kind == "realism":
         return train_realism(out, recipe)
-    return train_identity(out, recipe)
+    return train_identity(out, recipe, arch=arch, name=name)

@@ -243,15 +243,23 @@ def report(
 @app.command("eval")
 def eval_(
     out: Annotated[str, typer.Argument(help="output of a build (committed shards are read)")],
+    panel: Annotated[
+        str,
+        typer.Option(
+            help="independent: judges nothing in training or filtering used (builtin:eval-au, "
+            "builtin:eval-identity, eval-au-gap); build: the build's own filters (an upper bound)"
+        ),
+    ] = "independent",
     detector: Annotated[
-        Optional[list[str]], typer.Option(help="AU detector spec or builtin:NAME (repeat); default: the build's")
+        Optional[list[str]], typer.Option(help="AU detector spec or builtin:NAME (repeat); default: the panel's")
     ] = None,
-    min_agree: Annotated[Optional[int], typer.Option(help="k of the k-of-N consensus; default: the build's")] = None,
+    min_agree: Annotated[Optional[int], typer.Option(help="k of the k-of-N consensus; default: the panel's")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="evaluate only the first N samples")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     save: Annotated[bool, typer.Option(help="also write OUT/eval.json")] = True,
 ) -> None:
-    """Label fidelity against detector consensus, realism, identity similarity to the exemplars."""
+    """Label fidelity, realism, identity similarity and Frechet distance, by judges that are listed with
+    any role they also had in the build (training or filtering)."""
     _setup_logging(False)
     from detectors.spec import SpecError
 
@@ -259,7 +267,7 @@ def eval_(
     from .layout import Layout
 
     try:
-        rep = evaluate(out, au_detectors=detector, min_agree=min_agree, max_samples=max_samples)
+        rep = evaluate(out, panel, au_detectors=detector, min_agree=min_agree, max_samples=max_samples)
     except (FileNotFoundError, SpecError, ValueError) as err:
         _fail(str(err))
     if save:
@@ -329,7 +337,9 @@ app.add_typer(detectors_app, name="detectors")
 
 @detectors_app.command("train")
 def detectors_train(
-    name: Annotated[str, typer.Argument(help="au-cnn, au-resnet, au-vit, realism, identity, or all")],
+    name: Annotated[
+        str, typer.Argument(help="au-cnn, au-resnet, au-vit, realism, identity, eval-au, eval-identity, or all")
+    ],
     out: Annotated[str, typer.Option(help="folder that receives NAME/ (model.onnx, spec.yaml, torch/, eval.json)")] = (
         "detectors/models"
     ),
@@ -337,7 +347,7 @@ def detectors_train(
     train_samples: Annotated[Optional[int], typer.Option(help="training renders")] = None,
     train_people: Annotated[Optional[int], typer.Option(help="training identities")] = None,
     heldout_samples: Annotated[Optional[int], typer.Option(help="held-out renders (unseen identities)")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="default: the model's recipe (0; 11 for the eval panel)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train on puppet renders, export to ONNX, write the spec and held-out eval.json."""

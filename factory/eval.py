@@ -1,7 +1,12 @@
-"""`factory eval OUT`: label fidelity of a built corpus, measured by independent detectors.
+"""`factory eval OUT`: label fidelity of a built corpus, measured by judges nothing optimised.
 
-For every committed sample it re-reads the image from the tar and runs the detector panel
-(the build's own detectors by default, or others given on the command line), then reports:
+For every committed sample it re-reads the image from the tar and runs a panel of judges, then reports
+what they measure. The default panel is `independent` (`INDEPENDENT`): an AU evaluator, an identity
+evaluator and a Frechet feature network that neither MAUGen's training nor the build's filters use
+(detectors/models/README.md says how they were trained and their own accuracy). `--panel build` judges
+with the build's own detectors instead, which is an upper bound: the corpus was filtered on them.
+Every judge is listed in the report with the roles it also had in this build (`judges`); a judge that
+trained the generator or filtered the corpus is flagged (`overlap`). The reported figures are:
 
 - consensus vs prompt targets: how well the images show the AU vector the prompt was built from;
 - consensus vs generated labels: how well the generator's own labels describe its images;
@@ -38,6 +43,7 @@ from PIL import Image
 from core.facs import AUS, NUM_AUS
 
 from .config import FactoryConfig
+from .garble import BROKEN_RESIDUAL, GarbleMeter, GarbleScores
 from .identities import identity_from_json, identity_source
 from .manifest import Build, open_build
 
@@ -60,10 +66,90 @@ DEFINITIONS: dict[str, str] = {
     "identity_similarity": "cosine between identity-encoder embeddings of the image and of its exemplar "
     "(the identity rendered with a neutral face); verified = share >= the encoder's verification threshold",
     "realism": "realism discriminator score in [0, 1]; accepted = share >= checks.realism",
+    "broken_faces": "share of samples whose largest region residual (brows, eyes, nose, mouth; mean |image - "
+    "render| after removing the mean colour shift, 1/255 units; per region the smallest over renders of the "
+    "evaluator's reading, the prompt target and the generator's labels) is >= threshold (factory/garble.py); "
+    "puppet identities only",
     "frechet_distance": "||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 sqrtm(S_g S_r)) between Gaussian fits of the "
     "feature network's features of the corpus images (g) and of puppet renders of the same specs (r); "
     "comparable only with the same feature network and sample count",
 }
+
+
+@dataclass(frozen=True)
+class Panel:
+    """Who judges: AU detectors (k of N), identity encoder, Frechet feature network; None = the build's own."""
+
+    au_detectors: tuple[str, ...] | None
+    min_agree: int | None
+    identity_encoder: str | None
+    feature_network: str
+
+
+#: Judges nothing in MAUGen's training or a build's filters uses (detectors/train.py DEFAULT_MODELS).
+INDEPENDENT = Panel(("builtin:eval-au",), 1, "builtin:eval-identity", "eval-au-gap")
+#: The build's own filters: what the corpus was selected by, so its figures are an upper bound.
+BUILD = Panel(None, None, None, "puppet-realism-gap")
+PANELS: dict[str, Panel] = {"independent": INDEPENDENT, "build": BUILD}
+
+
+def _roles_in_build(cfg: FactoryConfig) -> dict[str, list[str]]:
+    """sha256 of every model that shaped this corpus -> its roles: the build's filters, and the models
+    MAUGen's training judged its images with (the checkpoint's train_config.yaml)."""
+    import yaml
+
+    from detectors.panel import model_hashes
+    from detectors.spec import SpecError
+
+    roles: dict[str, list[str]] = {}
+
+    def add(refs: list[str], role: str) -> None:
+        for ref in refs:
+            try:
+                key = next(iter(model_hashes([ref]).values()))
+            except (SpecError, OSError, ValueError):
+                key = ref  # not on this machine: compare by name
+            roles.setdefault(key, []).append(f"{role} ({ref})")
+
+    if cfg.detect.enabled:
+        add(list(cfg.detect.au_detectors), "build filter detect.au_detectors")
+        add([cfg.detect.realism] if cfg.detect.realism else [], "build filter detect.realism")
+    if cfg.generator == "maugen":
+        from pipelines.maugen.builtin import resolve_checkpoint
+
+        try:
+            train_cfg = yaml.safe_load((resolve_checkpoint(cfg.maugen.checkpoint) / "train_config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            train_cfg = None
+        if isinstance(train_cfg, dict):
+            losses, model = train_cfg.get("losses") or {}, train_cfg.get("model") or {}
+            if losses.get("image_label", True):
+                add(list(losses.get("detectors") or []), "MAUGen training losses.detectors")
+            if losses.get("identity", True) and model.get("identity_encoder"):
+                add([model["identity_encoder"]], "MAUGen training model.identity_encoder")
+    return roles
+
+
+def _judges(
+    cfg: FactoryConfig, panel: DetectorPanel, enc: OnnxIdentityEncoder, features: FeatureNetwork
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each judge of this eval with the roles it also had in the build, and one warning per overlap."""
+    roles = _roles_in_build(cfg)
+    judges: list[dict[str, Any]] = []
+    for role, d in (
+        [("au_detector", d.describe()) for d in panel.detectors]
+        + ([("realism", panel.realism.describe())] if panel.realism else [])
+        + [("identity_encoder", enc.describe()), ("feature_network", features.describe())]
+    ):
+        also = roles.get(d["sha256"], [])
+        judges.append({"role": role, "name": d["name"], "spec": d["spec"], "sha256": d["sha256"], "also": also})
+    warnings = [
+        f"{j['role']} {j['name']} also served as {', '.join(j['also'])}: its figures are not independent "
+        "(the model may have learnt to please it, or the corpus was selected by it)"
+        for j in judges
+        if j["also"]
+    ]
+    return judges, warnings
 
 
 def _read_shard(layout: Any, name: str) -> tuple[list[str], np.ndarray, Any]:
@@ -97,6 +183,7 @@ class _Collected:
     id_sim: list[np.ndarray] = field(default_factory=list)
     feats_gen: list[np.ndarray] = field(default_factory=list)
     feats_ref: list[np.ndarray] = field(default_factory=list)
+    garble: list[np.ndarray] = field(default_factory=list)
 
 
 def _collect(
@@ -106,6 +193,7 @@ def _collect(
     refs: _References,
     features: FeatureNetwork,
     max_samples: int | None,
+    garble: GarbleMeter | None = None,
 ) -> _Collected:
     """Read the committed shards in order and run the detectors, encoder and feature network on them."""
     from detectors.identity import cosine
@@ -133,6 +221,8 @@ def _collect(
         c.id_sim.append(cosine(enc.embed(images), enc.embed(exemplars)))
         c.feats_gen.append(features(images))
         c.feats_ref.append(features(references))
+        if garble is not None:
+            c.garble.append(garble(images, people, [c.target[-1], c.gen_int[-1]]).residual)
     return c
 
 
@@ -172,33 +262,45 @@ class _References:
 
 def evaluate(
     out: str,
+    panel_name: str = "independent",
     au_detectors: list[str] | None = None,
     min_agree: int | None = None,
     realism: str | None = None,
     identity_encoder: str | None = None,
     max_samples: int | None = None,
     batch_size: int = 256,
-    feature_network: str = "puppet-realism-gap",
+    feature_network: str | None = None,
 ) -> dict[str, Any]:
-    """Measure the corpus in OUT; see the module docstring for what each number means."""
+    """Measure the corpus in OUT with the named panel (arguments given replace its members); see the
+    module docstring for what each number means."""
     from detectors.builtin import resolve
     from detectors.features import FeatureNetwork
     from detectors.identity import OnnxIdentityEncoder
     from detectors.metrics import au_report
     from detectors.panel import DetectorPanel
 
+    if panel_name not in PANELS:
+        raise ValueError(f"unknown eval panel {panel_name!r}; available: {', '.join(PANELS)}")
+    chosen = PANELS[panel_name]
     b = open_build(out)
     cfg = b.cfg
     thr = cfg.labels.occurrence_threshold
-    det_refs = au_detectors or list(cfg.detect.au_detectors)
-    k = min_agree or min(cfg.detect.min_agree, len(det_refs))
+    det_refs = au_detectors or list(chosen.au_detectors or cfg.detect.au_detectors)
+    k = min_agree or min(chosen.min_agree or cfg.detect.min_agree, len(det_refs))
+    # no realism judge exists that the build did not filter with: the build's is used and flagged
     real_ref = realism if realism is not None else cfg.detect.realism
     panel = DetectorPanel(det_refs, k, realism=real_ref, occurrence_threshold=thr, batch_size=batch_size)
-    enc = OnnxIdentityEncoder(str(resolve(identity_encoder or cfg.detect.identity_encoder)), batch_size=batch_size)
-    features = FeatureNetwork(feature_network, batch_size=batch_size)
+    enc_ref = identity_encoder or chosen.identity_encoder or cfg.detect.identity_encoder
+    enc = OnnxIdentityEncoder(str(resolve(enc_ref)), batch_size=batch_size)
+    features = FeatureNetwork(feature_network or chosen.feature_network, batch_size=batch_size)
     refs = _References(cfg)
+    judges, overlap = _judges(cfg, panel, enc, features)
+    for w in overlap:
+        log.warning("eval: %s", w)
 
-    c = _collect(b, panel, enc, refs, features, max_samples)
+    # visibly broken faces: puppet identities only (the measure re-renders them; factory/garble.py)
+    meter = None if refs.pool else GarbleMeter(batch_size=batch_size)
+    c = _collect(b, panel, enc, refs, features, max_samples, meter)
     n = c.n
     if n == 0:
         raise FileNotFoundError(f"{out} has no committed shards yet: nothing to evaluate")
@@ -215,6 +317,9 @@ def evaluate(
         "out": out,
         "build_id": b.record["build_id"],
         "samples": int(n),
+        "panel": panel_name,
+        "judges": judges,
+        "overlap": overlap,
         "detectors": panel.describe(),
         "occurrence_threshold": thr,
         "consensus_vs_prompt_targets": prompt_rep,
@@ -229,6 +334,11 @@ def evaluate(
     }
     if c.real:
         rep["realism"] = _realism_section(np.concatenate(c.real), cfg.checks.realism)
+    if c.garble:
+        res = np.concatenate(c.garble)
+        rep["broken_faces"] = {"judge": "builtin:eval-au + the puppet renderer"} | GarbleScores(
+            res, res.max(axis=1) >= BROKEN_RESIDUAL
+        ).summary()
     rep["build_filters"] = _build_filters(b.state.committed)
     return rep
 
@@ -292,6 +402,12 @@ def print_eval(rep: dict[str, Any]) -> None:
 
     con = Console()
     con.print(f"[bold]{rep['out']}[/bold]: {rep['samples']} samples of build {rep['build_id']}")
+    con.print(f"judged by the {rep['panel']} panel:")
+    for j in rep["judges"]:
+        flag = f"  [yellow]also {'; '.join(j['also'])}[/yellow]" if j["also"] else "  (no training or filter role)"
+        con.print(f"  {j['role']}: {j['name']} [dim]{j['sha256'][:12]}[/dim]{flag}", soft_wrap=True)
+    for w in rep["overlap"]:
+        con.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
     t = Table(title="label fidelity against detector consensus (per AU)")
     for col in ("AU", "agree", "F1 prompt", "F1 labels", "ICC labels", "MAE labels"):
         t.add_column(col, justify="right")
@@ -320,6 +436,10 @@ def print_eval(rep: dict[str, Any]) -> None:
     if "realism" in rep:
         r = rep["realism"]
         con.print(f"realism: mean {r['mean']:.3f}, accepted {r['accepted']:.3f} at threshold {r['threshold']}")
+    if "broken_faces" in rep:
+        g = rep["broken_faces"]
+        con.print(f"visibly broken faces: {g['broken']:.3f} (worst region residual >= {g['threshold']:g}; "
+                  f"by region {g['by_region']})", soft_wrap=True)
     fd = rep["frechet_distance"]
     con.print(
         f"Frechet distance to puppet renders ({fd['feature_network']}, {fd['samples']} samples): {_fmt(fd['value'])}"

@@ -93,18 +93,33 @@ def test_verify_and_eval_on_a_detected_build(injected):
     p = factory("eval", str(injected), "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads(p.stdout)
-    assert rep["samples"] == 300
-    # the puppet generator labels exactly, so its labels match the consensus closely
+    assert rep["samples"] == 300 and rep["panel"] == "independent"
+    # judged by models nothing trained or filtered on; only realism has no independent judge yet
+    roles = {j["role"]: j for j in rep["judges"]}
+    assert roles["au_detector"]["name"] == "puppet-eval-au" and roles["au_detector"]["also"] == []
+    assert roles["identity_encoder"]["name"] == "puppet-eval-identity" and roles["identity_encoder"]["also"] == []
+    assert roles["feature_network"]["name"] == "eval-au-gap" and roles["feature_network"]["also"] == []
+    assert roles["realism"]["also"] == ["build filter detect.realism (builtin:realism)"]
+    assert len(rep["overlap"]) == 1 and "puppet-realism" in rep["overlap"][0]
+    # the puppet generator labels exactly, so its labels match the evaluator closely
     assert rep["consensus_vs_generated_labels"]["f1_mean"] >= 0.9
     assert rep["consensus_vs_prompt_targets"]["f1_mean"] >= 0.85
     assert rep["realism"]["accepted"] == 1.0
     assert rep["identity_similarity"]["verified"] >= 0.9
     # the puppet generator renders the targets exactly: its images are the reference set
     fd = rep["frechet_distance"]
-    assert fd["feature_network"] == "puppet-realism-gap" and fd["samples"] == 300
+    assert fd["feature_network"] == "eval-au-gap" and fd["samples"] == 300
     assert 0 <= fd["value"] < 1e-3
-    assert {"f1", "icc", "mae", "frechet_distance"} <= set(rep["definitions"])
+    assert {"f1", "icc", "mae", "frechet_distance", "broken_faces"} <= set(rep["definitions"])
+    # the exact renderer's faces are intact by the broken-face measure
+    assert rep["broken_faces"]["broken"] == 0.0
     assert (injected / "eval.json").is_file()
+    # the build's own panel: every judge also filtered the corpus (the Frechet features are the realism
+    # filter's backbone), and the terminal view says so
+    p = factory("eval", str(injected), "--panel", "build", "--max-samples", "60", "--no-save")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("also build filter") == 5 and "judged by the build panel" in p.stdout
+    assert p.stdout.count("its figures are not independent") == 5
 
 
 def _copy_spec(tmp_path: Path, name: str) -> Path:

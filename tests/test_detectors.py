@@ -19,7 +19,7 @@ from detectors.builtin import BUILTIN_MODELS, MODELS_DIR, resolve
 from detectors.consensus import consensus
 from detectors.identity import OnnxIdentityEncoder
 from detectors.metrics import au_report, roc_auc
-from detectors.models import AUDetectorNet, RealismNet
+from detectors.models import AUDetectorNet, IdentityResNet, RealismNet
 from detectors.panel import DetectorPanel
 from detectors.realism import OnnxRealism
 from detectors.runtime import DetectorOutputError
@@ -211,7 +211,7 @@ def test_builtin_models_are_shipped_with_pinned_hashes():
         assert (MODELS_DIR / name / "eval.json").is_file()
 
 
-@pytest.mark.parametrize("name", ["au-cnn", "au-resnet", "au-vit", "realism", "identity"])
+@pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_onnx_matches_torch(name):
     spec = load_spec(resolve(f"builtin:{name}"))
     imgs = data.au_set(16, 8, "heldout", seed=5).images
@@ -228,7 +228,8 @@ def test_onnx_matches_torch(name):
             net = RealismNet.from_pretrained(spec.torch_path).eval()
             np.testing.assert_allclose(OnnxRealism(spec).score(imgs), _RealismExport(net)(x)[:, 0].numpy(), atol=1e-4)
         else:
-            net = IdentityNet.from_pretrained(spec.torch_path).eval()
+            cls = IdentityResNet if name == "eval-identity" else IdentityNet
+            net = cls.from_pretrained(spec.torch_path).eval()
             np.testing.assert_allclose(OnnxIdentityEncoder(spec).embed(imgs), net(x).numpy(), atol=1e-4)
 
 
@@ -238,7 +239,7 @@ def heldout():
     return data.au_set(600, 60, "heldout", seed=11, workers=1)
 
 
-@pytest.mark.parametrize("name", ["au-cnn", "au-resnet", "au-vit"])
+@pytest.mark.parametrize("name", ["au-cnn", "au-resnet", "au-vit", "eval-au"])
 def test_au_detectors_on_unseen_identities(name, heldout):
     det = OnnxAUDetector(str(resolve(f"builtin:{name}")))
     out = det.predict(heldout.images)
@@ -265,8 +266,9 @@ def test_realism_separates_renders_from_negatives():
     assert roc_auc(labels, scores) >= 0.95
 
 
-def test_identity_encoder_verifies_unseen_people(heldout):
-    enc = OnnxIdentityEncoder(str(resolve("builtin:identity")))
+@pytest.mark.parametrize("name", ["identity", "eval-identity"])
+def test_identity_encoder_verifies_unseen_people(name, heldout):
+    enc = OnnxIdentityEncoder(str(resolve(f"builtin:{name}")))
     emb = enc.embed(heldout.images)
     same = heldout.identity[:, None] == heldout.identity[None, :]
     sims = emb @ emb.T
@@ -313,6 +315,7 @@ def test_feature_network_for_frechet_distances(heldout):
     from detectors.features import FeatureNetwork
     from detectors.metrics import frechet_distance
 
+    assert FeatureNetwork("eval-au-gap")(heldout.images[:4]).shape == (4, 64)
     net = FeatureNetwork("puppet-realism-gap")
     a = net(heldout.images[:200])
     assert a.shape == (200, 128) and np.isfinite(a).all()

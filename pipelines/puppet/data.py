@@ -21,9 +21,11 @@ from pipelines.prompts.targets import random_requests
 from .identity import AGE_GROUPS, SKIN_TONE_GROUPS, PuppetIdentity, sample_identity
 from .renderer import PuppetRenderer
 
-Split = Literal["train", "heldout"]
-#: rng stream of each split (identities; detectors/data.py draws its sets from them too)
-SPLIT_STREAM: dict[str, int] = {"train": 0x5EED_0001, "heldout": 0x5EED_0002}
+Split = Literal["train", "heldout", "evaluator"]
+#: rng stream of each split (identities; detectors/data.py draws its sets from them too). `evaluator`
+#: feeds only the evaluation panel (detectors/models/README.md): identities and renders that neither
+#: MAUGen nor the build's filters were trained on, so the panel is not a judge the model learnt to please.
+SPLIT_STREAM: dict[str, int] = {"train": 0x5EED_0001, "heldout": 0x5EED_0002, "evaluator": 0x5EED_0003}
 
 
 def identities(n: int, split: Split, seed: int = 0) -> list[PuppetIdentity]:
