@@ -31,7 +31,7 @@ from pipelines.puppet import PuppetIdentity, PuppetRenderer
 #: The renderer's AU zones grouped into the face's features.
 REGIONS: dict[str, tuple[int, ...]] = {"brows": (1, 2, 4), "eyes": (5,), "nose": (9,), "mouth": (12, 15, 20, 25)}
 #: Largest region residual (1/255 units) of a face a person would call intact; see the module docstring.
-BROKEN_RESIDUAL = 15.0
+BROKEN_RESIDUAL = 18.0
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pipelines.puppet import PuppetRenderer
 from pipelines.puppet.data import identities
 
 
-def _scramble(image: np.ndarray, box: np.ndarray, rng: np.random.Generator, tile: int = 4) -> np.ndarray:
+def _scramble(image: np.ndarray, box: np.ndarray, rng: np.random.Generator, tile: int = 2) -> np.ndarray:
     """Shuffle the tiles of the bounding box of `box` (a bool mask): eyes or a mouth torn apart."""
     out = image.copy()
     ys, xs = np.nonzero(box)
