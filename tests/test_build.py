@@ -119,6 +119,7 @@ def test_forced_failure_lands_in_failed_and_resume_completes(tmp_path):
     factory("verify", str(out), check=True)
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_a_shard_out_of_candidates_fails_at_once_and_a_resume_may_raise_the_budget(tmp_path):
     """Running out of build.max_oversample is not retried (a re-run would draw the same candidates);
     `factory resume --set build.max_oversample=N` finishes it without touching the committed shards."""
@@ -148,6 +149,7 @@ def _ray_pids_of(session_pgid: int) -> list[int]:
     return [int(ln.split()[0]) for ln in out if int(ln.split()[1]) == session_pgid]
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_sigkill_mid_build_then_resume_is_byte_identical(tmp_path):
     args = ["--target", "600", "--shard-size", "50", *FAST]
     ref = tmp_path / "ref"

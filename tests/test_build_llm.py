@@ -113,6 +113,7 @@ def test_html_replies_mid_build_are_invalid_replies_counted_as_fallbacks(server,
     assert sum(s["expand"]["errors_by_kind"].get("reply_not_chat_completion", 0) for s in stats) == 2 * requests
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_an_endpoint_that_fails_its_requests_stops_the_build_past_max_fallback_share(server, tmp_path):
     """The endpoint answers the preflight but 500s every prompt: the share of fallbacks shows in the
     progress line, and past expand.max_fallback_share (0.2) the build stops in one line, exit 4,

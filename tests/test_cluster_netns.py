@@ -98,6 +98,7 @@ def _cluster(lab: Callable[[int], Lab]) -> Lab:
     return cl
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_job_submit_runs_on_worker_hosts(lab, working_dir, tmp_path):
     """A job submitted from outside runs its shards on the worker hosts; the manifest names each node.
 
@@ -190,6 +191,7 @@ def _check_node_loss(cl: Lab, fault: Fault, stats: dict[str, dict], logs: str, d
         assert all(stats[n]["attempt"] >= 2 for n in failed)
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_worker_killed_mid_build(lab, working_dir, tmp_path):
     """SIGKILL every process of a worker host mid-build: its in-flight shard is redone on the other one."""
     cl = _cluster(lab)

@@ -283,7 +283,7 @@ def test_train_command_exports_a_loadable_model_with_its_eval(tmp_path):
     """`factory detectors train` end to end on a tiny recipe (the committed models use the full one)."""
     from conftest import factory
 
-    for name in ("au-resnet", "identity"):
+    for name in ("au-cnn", "identity"):
         p = factory(
             "detectors",
             "train",
@@ -305,7 +305,7 @@ def test_train_command_exports_a_loadable_model_with_its_eval(tmp_path):
         spec = load_spec(d / "spec.yaml")
         assert spec.spec.sha256 and spec.torch_path.is_dir()
         assert '"heldout"' in p.stdout
-    det = OnnxAUDetector(str(tmp_path / "au-resnet" / "spec.yaml"))
+    det = OnnxAUDetector(str(tmp_path / "au-cnn" / "spec.yaml"))
     assert det.predict(_images(2)).intensity.shape == (2, NUM_AUS)
     p = factory("detectors", "train", "au-transformer", "--out", str(tmp_path))
     assert p.returncode == 2 and "unknown model 'au-transformer'" in p.stderr

@@ -61,6 +61,7 @@ def cluster(tmp_path):
             pass
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_driver_with_ray_address_and_job_submit(cluster, tmp_path):
     # RAY_AUTH_MODE unset on the client: the driver finds the token and turns token auth on itself
     out = tmp_path / "a"

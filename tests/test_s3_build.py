@@ -213,6 +213,7 @@ def test_transient_s3_errors_during_a_multipart_upload_are_retried_and_counted(f
     assert _uploads(fs, f"{BUCKET}-flaky/out") == []
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_a_build_to_flaky_s3_completes_and_reports_its_retries(flaky_s3):
     """`factory build` to S3 through the faulty proxy: the shard workers retry too (their Layout
     carries the retry config), the build exits 0, verifies, and `report` sums the retries."""

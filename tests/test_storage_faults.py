@@ -125,6 +125,7 @@ def test_read_only_out_stops_in_one_line_and_the_driver_survives_its_failed_reco
     _same_as_clean_build(out)
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_a_really_full_disk_stops_in_one_line_and_leaves_no_half_written_file(partial, tmp_path):
     """OUT on a tmpfs with room for less than one more shard: the resume meets a real ENOSPC."""
     if not _mount_ns_works(tmp_path):
