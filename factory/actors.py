@@ -110,6 +110,16 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def _load(load: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(the model, None), or (None, the error's line) when it cannot load. An actor must not raise from
+    __init__ for a bad model file: Ray would restart it and print its traceback in the user's terminal
+    for every try; the driver turns the returned error into one line (start_model_actors)."""
+    try:
+        return load(), None
+    except Exception as err:  # noqa: BLE001 - any load failure is reported by the driver, as one line
+        return None, f"{type(err).__name__}: {err}".splitlines()[0]
+
+
 class GeneratorActor(_BusyMeter):
     """Owns one generator (model loaded once) and serves batches to shard tasks."""
 
@@ -118,15 +128,19 @@ class GeneratorActor(_BusyMeter):
 
         super().__init__()
         quiet_libraries()
-        self.generator = make_generator(FactoryConfig.model_validate(cfg_dict))
+        self.generator, self.load_error = _load(lambda: make_generator(FactoryConfig.model_validate(cfg_dict)))
 
     def info(self) -> dict[str, Any]:
         """Name and version (the samples' provenance tag), the image size it makes, and whether it
-        needs exemplars and masks with each batch."""
+        needs exemplars and masks with each batch; {"load_error": ...} when its model did not load."""
         g = self.generator
+        if g is None:
+            return {"load_error": self.load_error}
         return {"name": g.name, "version": g.version, "image_size": g.image_size, "needs_exemplars": g.needs_exemplars}
 
     def generate(self, batch: Any) -> Any:
+        if self.generator is None:
+            raise RuntimeError(f"the generator did not load: {self.load_error}")
         return self._metered(self.generator.generate, batch)
 
 
@@ -139,19 +153,24 @@ class DetectorActor(_BusyMeter):
         super().__init__()
         cfg = FactoryConfig.model_validate(cfg_dict)
         d = cfg.detect
-        self.panel = DetectorPanel(
-            d.au_detectors,
-            d.min_agree,
-            realism=d.realism,
-            threads=cfg.runtime.detector_threads_used,
-            occurrence_threshold=cfg.labels.occurrence_threshold,
-            batch_size=d.batch_size,
+        self.panel, self.load_error = _load(
+            lambda: DetectorPanel(
+                d.au_detectors,
+                d.min_agree,
+                realism=d.realism,
+                threads=cfg.runtime.detector_threads_used,
+                occurrence_threshold=cfg.labels.occurrence_threshold,
+                batch_size=d.batch_size,
+            )
         )
 
     def describe(self) -> dict[str, Any]:
-        return self.panel.describe()
+        """The models' provenance; {"load_error": ...} when they did not load."""
+        return {"load_error": self.load_error} if self.panel is None else self.panel.describe()
 
     def detect(self, images: Any) -> Any:
+        if self.panel is None:
+            raise RuntimeError(f"the detectors did not load: {self.load_error}")
         return self._metered(self.panel.detect, images)
 
 
@@ -233,14 +252,18 @@ def start_model_actors(cfg: FactoryConfig, num_generators: int) -> tuple[list[An
         )
         detectors = [det_cls.remote(cfg_dict) for _ in range(rt.num_detectors)]
         try:
-            ray.get([d.describe.remote() for d in detectors])
+            described = ray.get([d.describe.remote() for d in detectors])
         except ray.exceptions.RayActorError as err:
             raise ModelLoadError(f"the detector actors could not load their models: {actor_cause(err)}") from None
+        if errors := [x["load_error"] for x in described if "load_error" in x]:
+            raise ModelLoadError(f"the detector actors could not load their models: {errors[0]}")
     try:
-        info = ray.get([a.info.remote() for a in generators])[0]
+        infos = ray.get([a.info.remote() for a in generators])
     except ray.exceptions.RayActorError as err:
         raise ModelLoadError(f"the generator actors could not load their model: {actor_cause(err)}") from None
-    return generators, detectors, info
+    if errors := [x["load_error"] for x in infos if "load_error" in x]:
+        raise ModelLoadError(f"the generator actors could not load their model: {errors[0]}")
+    return generators, detectors, infos[0]
 
 
 def actor_cause(err: BaseException) -> str:

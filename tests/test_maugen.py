@@ -634,6 +634,9 @@ def test_a_bad_maugen_checkpoint_stops_the_build_before_anything_runs(tmp_path):
         args = ["build", "--target", "6", "--out", str(out), "--set", f"maugen.checkpoint={checkpoint}"]
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and why in res.output, res.output[-2000:]
+        # one line that names the checkpoint and the fix, no traceback (README's fault matrix)
+        assert "Traceback" not in res.output
+        assert checkpoint in next(ln for ln in res.output.splitlines() if why in ln)
         assert not (out / "build.json").exists()
 
 

@@ -88,6 +88,7 @@ def test_s3_build_verifies_and_parquet_rows_match_tar_samples(s3_build):
     assert rep["shards"] == {"total": 4, "done": 4, "failed": 0, "pending": 0} and rep["accepted"] == 40
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_resume_after_crash_redoes_exactly_the_unmarked_shard(s3_build):
     env, fs = s3_build["env"], s3_build["fs"]
     assert s3_build["resumed"].returncode == 0

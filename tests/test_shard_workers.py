@@ -75,6 +75,7 @@ def test_worker_lost_tells_a_dead_worker_from_a_failing_shard():
     assert not worker_lost(ValueError("bad"))
 
 
+@pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
 def test_one_worker_process_per_shard_in_flight_for_the_whole_build(tmp_path):
     """Ten shards, two in flight: two shard workers build all of them (a Ray task per shard could
     land on a fresh worker process each time, re-importing torch and the factory)."""
