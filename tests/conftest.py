@@ -8,6 +8,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,18 @@ def shard_stats(out: Path) -> dict[str, dict]:
 @pytest.fixture
 def run_factory():
     return factory
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until 127.0.0.1:port accepts connections (a `ray start --head` dashboard), while `proc` lives."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert proc.poll() is None, "ray start exited"
+        time.sleep(0.3)
+    raise AssertionError("the Ray dashboard never came up")
 
 
 def _free_port() -> int:

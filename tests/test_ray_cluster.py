@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, factory
+from conftest import ROOT, factory, wait_for_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -37,15 +37,7 @@ def cluster(tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", dash)) == 0:
-                    break
-            assert head.poll() is None, "ray start exited"
-            time.sleep(0.5)
-        else:
-            raise AssertionError("the Ray dashboard never came up")
+        wait_for_port(dash, head)
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "token": token}
     finally:
         os.killpg(head.pid, signal.SIGTERM)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SMALL_RAY, factory, shard_stats
+from conftest import ROOT, SMALL_RAY, factory, shard_stats, wait_for_port
 from PIL import Image
 from real_fixtures import MASKED_PHOTOS, POOL_PHOTOS, write_face_pool, write_tiny_sd_inpainting
 from test_maugen_data import make_disfa
@@ -252,18 +252,6 @@ def ray_head(log: Path) -> Iterator[tuple[subprocess.Popen, str, str]]:
                 os.kill(pid, signal.SIGKILL)
 
 
-def _wait_for_port(url: str, head: subprocess.Popen, timeout: float = 120) -> None:
-    port = int(url.rsplit(":", 1)[1])
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        assert head.poll() is None, "ray start exited"
-        time.sleep(0.3)
-    raise AssertionError("the Ray dashboard never came up")
-
-
 def submitted(readme_argv: list[str], paths: dict[str, str], url: str, token: str) -> tuple[list[str], dict]:
     """README's `ENV=... ray job submit --address URL -- factory ...` with this cluster's URL, its token
     (README: RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH) and the toy factory command: (argv, env)."""
@@ -357,7 +345,7 @@ def _run_readme(tmp: Path, head: subprocess.Popen, url: str, token: str) -> Real
 
     # the submitted build, and beside it the same build into another OUT whose driver is killed
     t = time.perf_counter()
-    _wait_for_port(url, head)
+    wait_for_port(int(url.rsplit(":", 1)[1]), head)
     r.seconds["ray head (after training)"] = time.perf_counter() - t
     killed_paths = r.paths | {"s3://bucket/mifa": str(r.killed)}
     ref = _popen(*submitted(submit_build, r.paths, url, token), tmp / "build.log")
