@@ -767,3 +767,31 @@ def test_two_training_processes_draw_their_own_noise_and_stay_in_step(tmp_path):
     assert all(a != b for a, b in zip(r0["draws"], r1["draws"]))  # each process its own noise
     assert r0["weights"] == r1["weights"]  # the same update everywhere
     assert (tmp_path / "run" / "final" / "model_index.json").is_file()
+
+
+def test_reference_channels_start_as_the_loaded_model_and_round_trip(pipe, people, tmp_path):
+    """model.reference widens an inpainting UNet by the whole exemplar's channels, zero-initialised: the widened
+    model samples exactly what the loaded one did, reads the exemplar once trained (here: the new weights set by
+    hand), and a saved reference model loads as one; a fresh tiny build with the switch has them from the start."""
+    pipe.save_pretrained(tmp_path / "plain")
+    wide = MAUGenPipeline.from_pretrained(tmp_path / "plain")
+    wide.set_progress_bar_config(disable=True)
+    c = wide.latent_channels
+    assert wide.unet.config.in_channels == 2 * c + 1 and not wide.reference
+    core.add_reference_channels(wide.unet, c)
+    assert wide.unet.config.in_channels == 3 * c + 1 and wide.reference and wide.inpainting
+    a, b = _call(pipe, people, seed=5), _call(wide, people, seed=5)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.au_intensity, b.au_intensity)
+    with torch.no_grad():
+        wide.unet.conv_in.weight[:, 2 * c + 1 :].normal_(0, 0.5)
+    assert not np.array_equal(_call(wide, people, seed=5).images, a.images)
+    wide.save_pretrained(tmp_path / "ref")
+    loaded = MAUGenPipeline.from_pretrained(tmp_path / "ref")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.reference
+    np.testing.assert_array_equal(_call(loaded, people, seed=5).images, _call(wide, people, seed=5).images)
+    with pytest.raises(ValueError, match="widens an inpainting UNet"):
+        core.add_reference_channels(wide.unet, c)
+    fresh = build_pipeline(MAUGenConfig(**MICRO, reference=True), ID_WEIGHTS, seed=0)
+    assert fresh.reference and fresh.unet.config.in_channels == 3 * fresh.latent_channels + 1

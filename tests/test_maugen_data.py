@@ -528,3 +528,20 @@ def test_describe_emotion_and_strength():
     assert prompt_levels(np.array([2.5, 1.49, np.nan, 7, -1, 0, 0, 0, 0, 0, 0, 0])).tolist()[:5] == [3, 1, 0, 5, 0]
     with pytest.raises(ValueError, match="12 entries"):
         describe(np.zeros(5), 0)
+
+
+def test_training_prompts_fit_the_text_encoder_they_train():
+    """With the trained model's budget (Trainer._budget), every training prompt fits its text encoder, as a
+    build's prompts do, while the labels stay those rendered; without it long prompts run past 48 tokens."""
+    from pipelines.maugen.builtin import resolve_checkpoint
+    from pipelines.prompts.budget import TokenBudget
+
+    budget = TokenBudget.from_tokenizer(resolve_checkpoint("builtin:tiny-puppet") / "tokenizer")
+    free = PuppetFaceDataset(96, 4, split="train", seed=2, workers=1)
+    fitted = PuppetFaceDataset(96, 4, split="train", seed=2, workers=1, budget=budget)
+    assert max(budget.count(p) for p in free.prompts) > budget.max_tokens  # the budget has work to do here
+    assert all(budget.fits(p) for p in fitted.prompts)
+    np.testing.assert_array_equal(free.targets, fitted.targets)
+    for p, t in zip(fitted.prompts, fitted.targets):
+        said = parse_description(p)
+        assert ((said >= 1) <= (t >= 1)).all(), (p, t)  # shortening drops words, never invents an AU

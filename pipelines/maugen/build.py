@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.identity_net import IdentityNet
 
+from . import core
 from .pipeline import AU_TEXTS, MAUGenPipeline
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,12 @@ class MAUGenConfig(BaseModel):
         "image_size / p, so p=2 makes a CPU step about 4x cheaper)",
     )
     inpainting: bool = Field(True, description="UNet input [x_t, face mask, masked exemplar] as SD-inpainting")
+    reference: bool = Field(
+        False,
+        description="inpainting UNet also reads the whole exemplar, face included (as InstructPix2Pix reads its "
+        "input image), so identity details inside the face (glasses, eyes) reach it as pixels, not only through "
+        "C_ID; with init_from, the loaded UNet's input is widened by zero-initialised channels",
+    )
     block_out_channels: tuple[int, ...] = (32, 48, 64, 96)
     attention_levels: tuple[bool, ...] = (False, False, True, True)
     layers_per_block: int = Field(1, ge=1)
@@ -169,7 +176,7 @@ def tiny_unet(cfg: MAUGenConfig, latent_channels: int, sample_size: int) -> UNet
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
     return UNet2DConditionModel(
         sample_size=sample_size,
-        in_channels=2 * latent_channels + 1 if cfg.inpainting else latent_channels,
+        in_channels=(3 if cfg.reference else 2) * latent_channels + 1 if cfg.inpainting else latent_channels,
         out_channels=latent_channels,
         block_out_channels=cfg.block_out_channels,
         down_block_types=down,
@@ -229,6 +236,10 @@ def build_pipeline(cfg: MAUGenConfig, identity_weights: str | Path, seed: int = 
             au_tokens_in_up_path=cfg.au_tokens_in_up_path,
             **kwargs,
         )
+        if cfg.reference:
+            if not pipe.inpainting:
+                raise ValueError(f"model.reference needs an inpainting base; {cfg.base} has a text-to-image UNet")
+            core.add_reference_channels(pipe.unet, pipe.latent_channels)
         return pipe
     from transformers import CLIPTextConfig, CLIPTextModel
 

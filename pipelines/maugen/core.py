@@ -123,12 +123,43 @@ def is_inpainting(unet: nn.Module, latent_channels: int) -> bool:
     c = unet.config.in_channels
     if c == latent_channels:
         return False
-    if c == 2 * latent_channels + 1:
+    if c in (2 * latent_channels + 1, 3 * latent_channels + 1):
         return True
     raise ValueError(
-        f"UNet in_channels {c} fits neither {latent_channels} (text-to-image) nor {2 * latent_channels + 1} "
-        "(inpainting: latent, mask, masked image)"
+        f"UNet in_channels {c} fits neither {latent_channels} (text-to-image), {2 * latent_channels + 1} "
+        f"(inpainting: latent, mask, masked image) nor {3 * latent_channels + 1} (inpainting with the whole exemplar)"
     )
+
+
+def has_reference(unet: nn.Module, latent_channels: int) -> bool:
+    """Whether the UNet also reads the whole exemplar, face included (`model.reference`)."""
+    return unet.config.in_channels == 3 * latent_channels + 1
+
+
+def add_reference_channels(unet: nn.Module, latent_channels: int) -> None:
+    """Widen an inpainting UNet's conv_in by the exemplar's channels, zero-initialised (as InstructPix2Pix
+    widens SD's), so the widened model computes exactly what the loaded one did until training moves them."""
+    old = unet.conv_in
+    if unet.config.in_channels != 2 * latent_channels + 1:
+        raise ValueError(
+            f"model.reference widens an inpainting UNet ({2 * latent_channels + 1} input channels); this one has "
+            f"{unet.config.in_channels}"
+        )
+    new = nn.Conv2d(
+        old.in_channels + latent_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        dtype=old.weight.dtype,
+        device=old.weight.device,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
 
 
 def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
@@ -141,7 +172,8 @@ def latent_mask(mask: torch.Tensor, size) -> torch.Tensor:
 def unet_input(
     x_t: torch.Tensor, mask: torch.Tensor | None, masked: torch.Tensor | None, inpainting: bool
 ) -> torch.Tensor:
-    """The UNet's input: x_t, or [x_t, mask, masked image] for an inpainting UNet (SD-inpainting layout)."""
+    """The UNet's input: x_t, or [x_t, mask, image condition] for an inpainting UNet (SD-inpainting layout;
+    the image condition is the masked exemplar, and the whole exemplar after it with `model.reference`)."""
     if not inpainting:
         return x_t
     if mask is None or masked is None:

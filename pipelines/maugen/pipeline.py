@@ -209,6 +209,17 @@ class MAUGenPipeline(DiffusionPipeline):
     def inpainting(self) -> bool:
         return core.is_inpainting(self.unet, self.latent_channels)
 
+    @property
+    def reference(self) -> bool:
+        """Whether the UNet also reads the whole exemplar (`model.reference`)."""
+        return core.has_reference(self.unet, self.latent_channels)
+
+    def image_condition(self, exemplar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The inpainting UNet's image channels: the masked exemplar, and the whole exemplar after it when
+        the UNet reads it (training and sampling build them here alike)."""
+        masked = self.encode_images(exemplar * (1.0 - mask))
+        return torch.cat([masked, self.encode_images(exemplar)], 1) if self.reference else masked
+
     def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> the diffusion space (VAE latents, or the pixels folded into p x p patches).
 
@@ -290,7 +301,7 @@ class MAUGenPipeline(DiffusionPipeline):
                     "this MAUGen is an inpainting model: pass mask_image (1 = the face region to generate)"
                 )
             mask = to_mask_tensor(mask_image, b, size).to(device)
-            masked_l = self.encode_images(ident * (1.0 - mask)).to(dtype)
+            masked_l = self.image_condition(ident, mask).to(dtype)
             mask_l = core.latent_mask(mask, (height // sf, width // sf)).to(dtype)
 
         shape = (b, self.latent_channels, height // sf, width // sf)

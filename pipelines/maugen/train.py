@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from pipelines.overrides import apply_override
+from pipelines.prompts.budget import TokenBudget
 
 from . import core, losses
 from .build import MAUGenConfig, build_pipeline
@@ -172,20 +173,22 @@ def load_train_config(
         raise ValueError(f"invalid training config{where}:\n{e}") from None
 
 
-def make_dataset(cfg: DataConfig, image_size: int):
-    """The training dataset the config names (all yield `FaceSample`)."""
+def make_dataset(cfg: DataConfig, image_size: int, budget: TokenBudget | None = None):
+    """The training dataset the config names (all yield `FaceSample`); prompts within `budget`."""
     from . import data
 
     if cfg.kind == "puppet":
         return data.PuppetFaceDataset(
-            cfg.samples, cfg.people, split=cfg.split, seed=cfg.seed, size=image_size, workers=cfg.workers
+            cfg.samples, cfg.people, split=cfg.split, seed=cfg.seed, size=image_size, workers=cfg.workers, budget=budget
         )
     if cfg.root is None:
         raise ValueError(f"data.root is required for data.kind={cfg.kind} (the dataset's folder)")
     if cfg.kind == "disfa":
-        return data.DisfaDataset(cfg.root, fold=cfg.fold, part=cfg.part, size=image_size, every=cfg.every)
+        return data.DisfaDataset(
+            cfg.root, fold=cfg.fold, part=cfg.part, size=image_size, every=cfg.every, budget=budget
+        )
     subjects = None if cfg.fold is None else data.bp4d_split(cfg.fold, cfg.part)
-    return data.BP4DDataset(cfg.root, subjects=subjects, size=image_size, every=cfg.every)
+    return data.BP4DDataset(cfg.root, subjects=subjects, size=image_size, every=cfg.every, budget=budget)
 
 
 class MAUGenModules(nn.Module):
@@ -219,6 +222,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.init_from:
             self.pipe = MAUGenPipeline.from_pretrained(cfg.init_from)
+            if cfg.model.reference and not self.pipe.reference:
+                core.add_reference_channels(self.pipe.unet, self.pipe.latent_channels)
+                log.info("model.reference: %s's UNet now also reads the whole exemplar (new channels start at 0)", cfg.init_from)
         else:
             from detectors.builtin import torch_weights
 
@@ -226,7 +232,7 @@ class Trainer:
         self.pipe.to(self.device)
         self.noise_scheduler = _ddpm(self.pipe.scheduler)
         self.alphas = self.noise_scheduler.alphas_cumprod.to(self.device)
-        self.dataset = dataset if dataset is not None else make_dataset(cfg.data, self._image_size())
+        self.dataset = dataset if dataset is not None else make_dataset(cfg.data, self._image_size(), self._budget())
         if len(self.dataset) < cfg.batch_size:
             raise ValueError(f"the dataset has {len(self.dataset)} samples, fewer than batch_size={cfg.batch_size}")
         self.modules = MAUGenModules(self.pipe, cfg.train_text_encoder)
@@ -249,6 +255,11 @@ class Trainer:
         self.step = 0
 
     # ------------------------------------------------------------------ set-up helpers
+
+    def _budget(self) -> TokenBudget:
+        """Training prompts fit the text encoder being trained (a build's expander fits the same one)."""
+        tok = self.pipe.tokenizer
+        return TokenBudget(tok, int(tok.model_max_length))
 
     def _image_size(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
@@ -342,7 +353,7 @@ class Trainer:
         with torch.no_grad():
             id_emb = core.embed_identity(pipe.identity_encoder, exemplar)
             z0 = pipe.encode_images(x0, generator=generator)  # a VAE's latent is drawn from the step's seed
-            masked = pipe.encode_images(exemplar * (1.0 - mask)) if pipe.inpainting else None
+            masked = pipe.image_condition(exemplar, mask) if pipe.inpainting else None
         mask_l = core.latent_mask(mask, z0.shape[-2:])
         ctx = torch.enable_grad() if (train and self.cfg.train_text_encoder) else torch.no_grad()
         with ctx:

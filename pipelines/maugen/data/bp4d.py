@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from core.facs import NUM_AUS, au_index
 from pipelines.maugen.data.disfa import fold_split, frame_index, read_frame_values
+from pipelines.prompts.budget import TokenBudget
 from pipelines.maugen.data.subjects import ExemplarCache, fold_subjects, frame_sample
 from pipelines.maugen.data.types import FaceSample
 
@@ -152,8 +153,10 @@ class BP4DDataset(Dataset):
         part: Part = "train",
         tasks: Sequence[str] | None = None,
         seed: int = 0,
+        budget: TokenBudget | None = None,
     ):
         self.root = Path(root)
+        self.budget = budget  # prompts within the trained model's text encoder (prompting.describe)
         if not isinstance(every, (int, np.integer)) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         if not isinstance(size, (int, np.integer)) or size < 1:
@@ -258,6 +261,7 @@ class BP4DDataset(Dataset):
             self.exemplar(subject),
             subject,
             self.seed,
+            self.budget,
             task=task,
             frame=frame,
         )

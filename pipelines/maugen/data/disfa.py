@@ -31,6 +31,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS
+from pipelines.prompts.budget import TokenBudget
 from pipelines.maugen.data.subjects import ExemplarCache, fold_subjects, frame_sample
 from pipelines.maugen.data.types import FaceSample
 
@@ -278,8 +279,10 @@ class DisfaDataset(Dataset):
         every: int = 1,
         exemplar: Literal["least_active", "first"] = "least_active",
         seed: int = 0,
+        budget: TokenBudget | None = None,
     ):
         self.root = Path(root)
+        self.budget = budget  # prompts within the trained model's text encoder (prompting.describe)
         if camera not in CAMERAS:
             raise ValueError(f"DISFA: unknown camera {camera!r}; use one of {list(CAMERAS)}")
         if exemplar not in EXEMPLAR_CHOICES:
@@ -376,6 +379,7 @@ class DisfaDataset(Dataset):
             self.exemplar(subject),
             subject,
             self.seed,
+            self.budget,
             camera=self.camera,
             frame=frame,
         )

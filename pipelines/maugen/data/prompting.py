@@ -18,7 +18,9 @@ import logging
 import numpy as np
 
 from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, EMOTIONS, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS, STRENGTHS
-from pipelines.prompts import ExpansionRequest, grammar_expand, parse_details
+from pipelines.prompts import ExpansionRequest, parse_details
+from pipelines.prompts.budget import TokenBudget
+from pipelines.prompts.grammar import fit_description
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +82,18 @@ def request_for(intensity: np.ndarray, seed: int) -> ExpansionRequest:
     return ExpansionRequest(emotion=emotion, strength=strength, intensity=v, seed=int(seed))
 
 
-def describe(intensity: np.ndarray, seed: int) -> str:
-    """A text prompt for one AU vector (12, AUS order, 0-5, NaN = not coded); deterministic for `seed`."""
+def describe(intensity: np.ndarray, seed: int, budget: TokenBudget | None = None) -> str:
+    """A text prompt for one AU vector (12, AUS order, 0-5, NaN = not coded); deterministic for `seed`.
+
+    With `budget` (the trained model's text encoder), the grammar shortens the wording as a build's
+    expander does, so the model trains on prompts it reads to the end and that speak like the build's.
+    """
     intensity = np.asarray(intensity, dtype=np.float64)
     req = request_for(intensity, seed)
+
+    def grammar_expand(r: ExpansionRequest) -> str:
+        return fit_description(r, budget)[0]
+
     first = grammar_expand(req)
     uncoded = np.isnan(intensity)
     if not uncoded.any():

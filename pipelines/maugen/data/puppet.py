@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from core.facs import DEFAULT_OCCURRENCE_THRESHOLD, NUM_AUS
 from pipelines.maugen.data.prompting import describe
+from pipelines.prompts.budget import TokenBudget
 from pipelines.maugen.data.types import FaceSample
 from pipelines.puppet import PuppetIdentity, PuppetRenderer
 from pipelines.puppet.data import au_targets, identities, render
@@ -52,6 +53,7 @@ class PuppetFaceDataset(Dataset):
         seed: int = 0,
         size: int = 64,
         workers: int = 2,
+        budget: TokenBudget | None = None,
     ):
         if not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
@@ -83,7 +85,7 @@ class PuppetFaceDataset(Dataset):
         self.exemplars: np.ndarray = render(people, np.zeros((len(people), NUM_AUS)), size=self.size, workers=workers)
         self.masks: np.ndarray = np.stack([renderer.face_mask(p) for p in people]).astype(np.uint8)
         self.subject_ids: list[str] = [person_id(p) for p in people]
-        self.prompts: list[str] = [describe(t, int(s)) for t, s in zip(self.targets, prompt_seeds)]
+        self.prompts: list[str] = [describe(t, int(s), budget) for t, s in zip(self.targets, prompt_seeds)]
         log.info("puppet dataset: %d renders of %d people at %d px (seed %d)", n, len(people), self.size, seed)
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 
 from pipelines.identities.images import load_face
 from pipelines.maugen.data.prompting import describe
+from pipelines.prompts.budget import TokenBudget
 from pipelines.maugen.data.types import FaceSample
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def frame_sample(
     exemplar: np.ndarray,
     subject: str,
     seed: int,
+    budget: TokenBudget | None = None,
     **meta,
 ) -> FaceSample:
     """A video frame as a FaceSample: no face masks in these datasets, so the mask is the whole frame.
@@ -67,7 +69,7 @@ def frame_sample(
         occurrence=occurrence,
         mask=np.ones(image.shape[:2], dtype=np.float32),
         exemplar=exemplar.copy(),
-        prompt=describe(prompt_vector, zlib.crc32(key.encode()) ^ seed),
+        prompt=describe(prompt_vector, zlib.crc32(key.encode()) ^ seed, budget),
         subject=subject,
         meta={"source": source, **meta, "file": str(path)},
     )
