@@ -1,4 +1,5 @@
-"""Identity encoder (ArcFace-style embedding) in ONNX: C_ID for MAUGen and identity similarity in eval."""
+"""Identity encoder (ArcFace-style embedding) in ONNX: C_ID for MAUGen, identity similarity in eval, and a
+build's identity-leakage measure (the highest similarity to a generator's training subjects)."""
 
 from __future__ import annotations
 
@@ -30,3 +31,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return np.sum(a * b, axis=1)
+
+
+def max_similarity(embeddings: np.ndarray, references: np.ndarray) -> np.ndarray:
+    """float32 (B,): each row's highest cosine similarity to any row of `references` (both L2-normalised,
+    so a dot product); the identity-leakage measure against a generator's training subjects."""
+    if len(embeddings) == 0:
+        return np.zeros(0, np.float32)
+    return (np.asarray(embeddings, np.float32) @ np.asarray(references, np.float32).T).max(axis=1)

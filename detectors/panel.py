@@ -1,7 +1,9 @@
 """`DetectorPanel`: the N AU detectors, their consensus and the realism discriminator, used together.
 
 This is what a detector actor owns: it loads every model once and turns a batch of images into
-one `Detection` (every detector's raw output, the consensus with its agreement mask, realism).
+one `Detection` (every detector's raw output, the consensus with its agreement mask, realism, and,
+when given the generator's training subjects' embeddings, each face's highest identity similarity
+to them: the leakage measure of factory/leakage.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from core.facs import DEFAULT_OCCURRENCE_THRESHOLD
 from .au import AUOutput, OnnxAUDetector
 from .builtin import resolve
 from .consensus import Consensus, consensus
+from .identity import OnnxIdentityEncoder, max_similarity
 from .realism import OnnxRealism
 from .runtime import log_providers
 from .spec import SpecError
@@ -29,6 +32,8 @@ class Detection:
     outputs: list[AUOutput]  # one per AU detector, in config order
     consensus: Consensus
     realism: np.ndarray | None  # float32 (B,) in [0, 1], None without a realism model
+    #: float32 (B,): highest cosine similarity to a training subject; None when not measured
+    training_similarity: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.consensus)
@@ -59,7 +64,11 @@ class DetectorPanel:
         threads: int = 0,
         occurrence_threshold: int = DEFAULT_OCCURRENCE_THRESHOLD,
         batch_size: int = 64,
+        identity_encoder: str | None = None,
+        training_subjects: np.ndarray | None = None,
     ):
+        """`training_subjects` (float32 (N, D), L2-normalised, embedded by `identity_encoder`'s model) turns
+        on the training-similarity measure; both or neither."""
         if min_agree > len(au_detectors):
             raise SpecError(f"min_agree={min_agree} exceeds the {len(au_detectors)} configured AU detectors")
         self.detectors = [
@@ -73,6 +82,18 @@ class DetectorPanel:
             raise SpecError(f"two AU detectors share a name ({names}); give each spec its own `name:`")
         self.k = min_agree
         self.realism = OnnxRealism(str(resolve(realism)), threads=threads, batch_size=batch_size) if realism else None
+        self.identity: OnnxIdentityEncoder | None = None
+        self.subjects: np.ndarray | None = None
+        if training_subjects is not None:
+            if identity_encoder is None:
+                raise ValueError("training_subjects need the identity_encoder that embedded them")
+            self.identity = OnnxIdentityEncoder(str(resolve(identity_encoder)), threads=threads, batch_size=batch_size)
+            self.subjects = np.asarray(training_subjects, np.float32)
+            if self.subjects.ndim != 2 or self.identity.dim not in (None, self.subjects.shape[1]):
+                raise SpecError(
+                    f"training subjects of shape {self.subjects.shape} do not fit identity encoder "
+                    f"{self.identity.loaded.path} ({self.identity.dim}-d embeddings); recompute them with that encoder"
+                )
         cov = np.sum([d.covers for d in self.detectors], axis=0)
         never = [i for i, c in enumerate(cov) if c < min_agree]
         if never:
@@ -83,19 +104,24 @@ class DetectorPanel:
                 [AUS[i] for i in never],
                 min_agree,
             )
-        for m in [*self.detectors, *([self.realism] if self.realism else [])]:
+        for m in [*self.detectors, *(x for x in (self.realism, self.identity) if x is not None)]:
             log_providers(m)
 
     def detect(self, images: np.ndarray) -> Detection:
         outputs = [d.predict(images) for d in self.detectors]
         real = self.realism.score(images) if self.realism else None
-        return Detection(outputs=outputs, consensus=consensus(outputs, self.k), realism=real)
+        sim = None
+        if self.identity is not None and self.subjects is not None:
+            sim = max_similarity(self.identity.embed(images), self.subjects)
+        return Detection(outputs=outputs, consensus=consensus(outputs, self.k), realism=real, training_similarity=sim)
 
     def describe(self) -> dict[str, Any]:
         return {
             "au_detectors": [d.describe() for d in self.detectors],
             "min_agree": self.k,
             "realism": self.realism.describe() if self.realism else None,
+            "identity_encoder": self.identity.describe() if self.identity else None,
+            "training_subjects": None if self.subjects is None else len(self.subjects),
         }
 
 

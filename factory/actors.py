@@ -145,10 +145,16 @@ class GeneratorActor(_BusyMeter):
 
 
 class DetectorActor(_BusyMeter):
-    """Owns the AU detectors and the realism discriminator (ONNX sessions loaded once)."""
+    """Owns the AU detectors and the realism discriminator (ONNX sessions loaded once), and with the
+    generator's training subjects' embeddings (factory/leakage.py) the identity encoder that measures
+    each face's similarity to them."""
 
-    def __init__(self, cfg_dict: dict[str, Any]):
+    def __init__(self, cfg_dict: dict[str, Any], training_subjects: dict[str, str] | None = None):
+        """`training_subjects` ({file, sha256}: the file the driver planned with, read here on the actor's
+        node and checked against that hash) turns on the training-similarity measure."""
         from detectors.panel import DetectorPanel
+
+        from .leakage import read_embeddings
 
         super().__init__()
         cfg = FactoryConfig.model_validate(cfg_dict)
@@ -161,6 +167,8 @@ class DetectorActor(_BusyMeter):
                 threads=cfg.runtime.detector_threads_used,
                 occurrence_threshold=cfg.labels.occurrence_threshold,
                 batch_size=d.batch_size,
+                identity_encoder=d.identity_encoder,
+                training_subjects=read_embeddings(**training_subjects) if training_subjects else None,
             )
         )
 
@@ -233,10 +241,13 @@ class ShardWorker:
         )
 
 
-def start_model_actors(cfg: FactoryConfig, num_generators: int) -> tuple[list[Any], list[Any], dict[str, Any]]:
+def start_model_actors(
+    cfg: FactoryConfig, num_generators: int, training_subjects: dict[str, str] | None = None
+) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Start the generator and detector actors and wait until each has loaded its model; returns
-    (generators, detectors, the generator's name and version). A model that cannot load is one
-    ModelLoadError naming it, not an actor-death traceback."""
+    (generators, detectors, the generator's name and version). `training_subjects` ({file, sha256};
+    None: not measured) go to every detector actor. A model that cannot load is one ModelLoadError
+    naming it, not an actor-death traceback."""
     import ray
 
     rt = cfg.runtime
@@ -250,7 +261,7 @@ def start_model_actors(cfg: FactoryConfig, num_generators: int) -> tuple[list[An
         det_cls = ray.remote(DetectorActor).options(
             num_cpus=rt.detector_cpus, num_gpus=rt.detector_gpus, max_restarts=3, max_task_retries=2
         )
-        detectors = [det_cls.remote(cfg_dict) for _ in range(rt.num_detectors)]
+        detectors = [det_cls.remote(cfg_dict, training_subjects) for _ in range(rt.num_detectors)]
         try:
             described = ray.get([d.describe.remote() for d in detectors])
         except ray.exceptions.RayActorError as err:

@@ -27,7 +27,8 @@ ACCEPTED = "accepted"
 
 @dataclass(frozen=True)
 class SampleDetection:
-    """One sample's row of a batch's detector outputs: consensus, agreement, realism (and each detector's raw output)."""
+    """One sample's row of a batch's detector outputs: consensus, agreement, realism, training similarity
+    (and each detector's raw output)."""
 
     occurrence: np.ndarray  # bool (12,): the consensus
     intensity: np.ndarray  # float (12,): median intensity of the detectors with one (NaN: none)
@@ -36,6 +37,7 @@ class SampleDetection:
     coverage: np.ndarray
     min_agree: int
     realism: float | None
+    training_similarity: float | None  # highest identity similarity to a MAUGen training subject (None: not measured)
     batch: Detection
     row: int
 
@@ -43,7 +45,10 @@ class SampleDetection:
     def of(cls, det: Detection, row: int) -> SampleDetection:
         c = det.consensus
         realism = None if det.realism is None else float(det.realism[row])
-        return cls(c.occurrence[row], c.intensity[row], c.agree[row], c.votes[row], c.coverage, c.k, realism, det, row)
+        sim = None if det.training_similarity is None else float(det.training_similarity[row])
+        return cls(
+            c.occurrence[row], c.intensity[row], c.agree[row], c.votes[row], c.coverage, c.k, realism, sim, det, row
+        )
 
     def raw(self) -> dict[str, dict[str, list[float | None]]]:
         return self.batch.raw(self.row)

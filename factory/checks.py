@@ -7,7 +7,9 @@ bench or a user's script judges images exactly as a build does.
 
 Each check reads only the record and the config and returns a Verdict: passed or not, and the
 score it measured (None for checks that measure none, or that had nothing to judge: realism
-without a realism model, consensus without detectors). `after` says which stage's output a check
+without a realism model, consensus without detectors, training similarity without the generator's
+training subjects). A check may measure without rejecting: training_similarity with its threshold
+unset records the score of every sample it sees. `after` says which stage's output a check
 needs: "expand" and "exemplar" checks run before the generator is asked (a rejected prompt or an
 unusable exemplar costs no image).
 """
@@ -87,6 +89,15 @@ def _label_consensus(c: Candidate, cfg: FactoryConfig) -> Verdict:
     return Verdict(lc >= cfg.checks.label_consensus_jaccard, lc)
 
 
+def _training_similarity(c: Candidate, cfg: FactoryConfig) -> Verdict:
+    d = c.detection
+    sim = d.training_similarity if d is not None else None
+    if sim is None:
+        return Verdict(True)
+    limit = cfg.checks.training_similarity
+    return Verdict(limit is None or sim <= limit, sim)
+
+
 #: The checks in the order they run.
 CHECKS: tuple[Check, ...] = (
     Check("prompt_target_jaccard", "expand", "expand", _prompt_target,
@@ -101,6 +112,9 @@ CHECKS: tuple[Check, ...] = (
           "the generator's labels match the prompt's AUs (Jaccard >= checks.label_prompt_jaccard)"),
     Check("label_consensus_jaccard", "label_consensus", "detect", _label_consensus,
           "the generator's labels match the detectors' consensus over agreed AUs (>= checks.label_consensus_jaccard)"),
+    Check("training_similarity", "training_similarity", "detect", _training_similarity,
+          "the face is none of MAUGen's training subjects: its highest identity similarity to them "
+          "<= checks.training_similarity (unset: measured, never rejected; factory/leakage.py)"),
 )
 
 #: Not a check of the sample: it passed every check, but its plan cell was already full.

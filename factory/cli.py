@@ -1,4 +1,4 @@
-"""The `factory` command: build, resume, verify, report, eval, train, data extract-disfa, detectors train.
+"""The `factory` command: build, resume, verify, report, eval, train, subjects, data extract-disfa, detectors train.
 
 Exit codes of build and resume: 0 done, 1 shards failed (a resume retries them), 2 bad input, 3
 OUT's storage refuses writes, 4 too many prompts fell back to the grammar (factory/stops.py).
@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import ConfigError, FactoryConfig, load_config
+from .config import ConfigError, DetectConfig, FactoryConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MIFA synthetic-dataset factory.")
 log = logging.getLogger("factory")
@@ -82,6 +82,15 @@ def _how_to_read(summary) -> None:  # noqa: ANN001 - BuildSummary, imported lazi
     )
 
 
+DEFAULT_IDENTITY_ENCODER = DetectConfig().identity_encoder
+IdentityEncoderOpt = Annotated[
+    str,
+    typer.Option(
+        help="ONNX identity encoder (builtin:NAME or a spec YAML) that embeds the training subjects for a build's "
+        "leakage check; a build measures only with the same model as its detect.identity_encoder"
+    ),
+]
+
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", "-s", help="override a config key: --set build.shard_size=500")
 ]
@@ -110,7 +119,11 @@ def build(
     except ConfigError as err:
         _fail(str(err))
     if dry_run:
-        typer.echo(json.dumps(_dry_run(cfg), indent=1))
+        try:
+            plan = _dry_run(cfg)
+        except ConfigError as err:  # a leakage check that cannot be applied
+            _fail(str(err))
+        typer.echo(json.dumps(plan, indent=1))
         return
     _run(cfg, out, new_build)
 
@@ -127,6 +140,12 @@ def _dry_run(cfg: FactoryConfig) -> dict:
             out["generator_actor"] = generator_memory(cfg.maugen.checkpoint, cfg.maugen.dtype)
         except FileNotFoundError as err:  # the checkpoint may live only on the cluster's nodes
             out["generator_actor"] = {"checkpoint": cfg.maugen.checkpoint, "unavailable": str(err)}
+    from .leakage import plan_leakage
+
+    try:
+        out["training_similarity"] = plan_leakage(cfg).record()
+    except FileNotFoundError as err:  # as above: the checkpoint (or meta:...) has no files here
+        out["training_similarity"] = {"measured": False, "why": f"unknown here: {err}"}
     return out
 
 
@@ -287,22 +306,72 @@ def train(
     ablation: Annotated[
         Optional[str], typer.Option(help="a Table 3 row: no-cld, no-idm, no-mutual-conditioning, ... (out gets -NAME)")
     ] = None,
+    identity_encoder: IdentityEncoderOpt = DEFAULT_IDENTITY_ENCODER,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train MAUGen: every loss term and adaptive weight logged, checkpoints, resume from OUT."""
+    """Train MAUGen: every loss term and adaptive weight logged, checkpoints, resume from OUT. Beside every
+    pipeline it saves: training_subjects.npz, the training subjects' identity embeddings (no photos)."""
     _setup_logging(verbose)
+    from detectors.spec import SpecError
     from pipelines.maugen.train import Trainer, load_train_config
+
+    from .leakage import check_encoder, data_description, subjects_writer
 
     sets = list(overrides or []) + ([f"out={out}"] if out else [])
     try:
         cfg = load_train_config(config, sets, ablation=ablation)
-    except (ValueError, FileNotFoundError) as err:
+        check_encoder(identity_encoder)
+    except (ValueError, FileNotFoundError, SpecError) as err:
         _fail(f"train: {err}")
     try:
-        final = Trainer(cfg).fit()
+        trainer = Trainer(cfg)
+        if trainer.accelerator.is_main_process:  # the process that saves
+            trainer.on_save = subjects_writer(
+                trainer.dataset.subject_exemplars(), identity_encoder, data_description(cfg)
+            )
+        final = trainer.fit()
     except (ValueError, FileNotFoundError, FloatingPointError) as err:  # corrupt checkpoint, bad data root, NaN loss
         _fail(f"train: {err}")
     typer.echo(f"trained MAUGen saved to {final}", err=True)
+
+
+@app.command()
+def subjects(
+    checkpoint: Annotated[
+        str, typer.Argument(help="a saved MAUGen pipeline (RUN/final, RUN/checkpoints/step-N/pipeline) or builtin:NAME")
+    ],
+    config: Annotated[
+        Optional[str],
+        typer.Option("--config", "-c", help="the training config that made it (default: its train_config.yaml)"),
+    ] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", "-s", help="override a key of that training config: --set data.root=/data/DISFA"),
+    ] = None,
+    identity_encoder: IdentityEncoderOpt = DEFAULT_IDENTITY_ENCODER,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime threads")] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """(Re)compute CHECKPOINT/training_subjects.npz: each training subject's exemplar, listed by the training
+    config, embedded with the identity encoder (embeddings only, never the photos)."""
+    _setup_logging(verbose)
+    from detectors.spec import SpecError
+    from pipelines.maugen.builtin import resolve_checkpoint
+    from pipelines.maugen.train import load_train_config
+
+    from .leakage import check_encoder, recompute, train_config_of
+
+    try:
+        check_encoder(identity_encoder)
+        train_cfg = load_train_config(config or train_config_of(resolve_checkpoint(checkpoint)), list(overrides or []))
+        path, subj = recompute(checkpoint, train_cfg, identity_encoder, threads)
+    except (ValueError, FileNotFoundError, SpecError) as err:  # no pipeline or config, data moved, bad encoder
+        _fail(f"subjects: {err}")
+    typer.echo(
+        f"wrote {path}: {len(subj.subject_ids)} training subjects ({train_cfg.data.kind}) embedded with "
+        f"{identity_encoder} ({subj.info['encoder_name']}, model sha256 {subj.encoder_sha256[:12]})",
+        err=True,
+    )
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Real AU datasets for MAUGen training: preparation.")

@@ -221,6 +221,13 @@ class ChecksConfig(_Section):
         description="Jaccard(generated labels, detector consensus) over the AUs the detectors agree on",
     )
     realism: float = Field(0.5, ge=0.0, le=1.0, description="minimum realism score")
+    training_similarity: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="identity leakage: the highest cosine similarity a sample's face may have to any of MAUGen's "
+        "training subjects (detect.identity_encoder; factory/leakage.py); null: measured and reported, never rejected",
+    )
 
 
 class DetectConfig(_Section):
@@ -303,6 +310,7 @@ RESUMABLE = ("runtime", "build.max_oversample", "build.shard_retries", "expand.m
 #: they stay out of the build identity, so those builds keep their id and still resume.
 ADDED_LATER: dict[str, Any] = {
     "build.image_size": None,
+    "checks.training_similarity": None,
     "identities": {"source": "puppet", "pool": None, "split": "build", "train_share": 0.0, "masks": "auto"},
 }
 

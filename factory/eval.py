@@ -114,6 +114,8 @@ def _roles_in_build(cfg: FactoryConfig) -> dict[str, list[str]]:
     if cfg.detect.enabled:
         add(list(cfg.detect.au_detectors), "build filter detect.au_detectors")
         add([cfg.detect.realism] if cfg.detect.realism else [], "build filter detect.realism")
+        if cfg.checks.training_similarity is not None:  # the identity-leakage check rejects by it
+            add([cfg.detect.identity_encoder], "build filter checks.training_similarity")
     if cfg.generator == "maugen":
         from pipelines.maugen.builtin import resolve_checkpoint
 

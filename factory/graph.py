@@ -23,6 +23,7 @@ from .cluster import check_resources, client_auth_mode, generator_count, init_ra
 from .config import ConfigError, FactoryConfig
 from .fallbacks import FallbackCount, endpoint, fallback_stop, shards_count
 from .layout import Layout
+from .leakage import LeakagePlan, plan_leakage
 from .manifest import clean_uncommitted, clear_failure, record_failure, scan
 from .plan import Plan
 from .pool import Assignment, StagePool, WorkerPool
@@ -99,7 +100,8 @@ def _build(cfg: FactoryConfig, out: str, new_build: bool, plan: Plan) -> BuildSu
     """Prepare OUT, then run its pending shards on Ray (started here unless one is already running)."""
     import ray
 
-    layout, record = prepare_output(cfg, out, new_build=new_build)
+    leakage = plan_leakage(cfg)
+    layout, record = prepare_output(cfg, out, new_build=new_build, leakage=leakage)
     build_id = record["build_id"]
     state = scan(layout, build_id)
     clean_uncommitted(layout, state.committed)
@@ -121,7 +123,7 @@ def _build(cfg: FactoryConfig, out: str, new_build: bool, plan: Plan) -> BuildSu
     )
     started = init_ray(cfg)
     try:
-        _run_on_ray(cfg, layout, plan, summary, pending, set(state.committed))
+        _run_on_ray(cfg, layout, plan, summary, pending, set(state.committed), leakage)
     finally:
         if started:
             ray.shutdown()
@@ -154,7 +156,13 @@ def _preflight_expander(cfg: FactoryConfig) -> None:
 
 
 def _run_on_ray(
-    cfg: FactoryConfig, layout: Layout, plan: Plan, summary: BuildSummary, pending: deque[int], committed: set[str]
+    cfg: FactoryConfig,
+    layout: Layout,
+    plan: Plan,
+    summary: BuildSummary,
+    pending: deque[int],
+    committed: set[str],
+    leakage: LeakagePlan,
 ) -> None:
     """Start the model actors and the shard workers, run the pending shards, then stop every actor."""
     import ray
@@ -163,7 +171,13 @@ def _run_on_ray(
     resources = ray.cluster_resources()
     num_generators = generator_count(cfg, resources)
     check_resources(cfg, num_generators, resources)
-    generators, detectors, info = start_model_actors(cfg, num_generators)
+    if leakage.subjects is not None:
+        action = f"rejected above {leakage.check}" if leakage.check is not None else "measured only"
+        n = len(leakage.subjects.subject_ids)
+        log.info("training similarity: %d training subjects of %s, %s", n, cfg.maugen.checkpoint, action)
+    else:
+        log.info("training similarity: not measured: %s", leakage.why)
+    generators, detectors, info = start_model_actors(cfg, num_generators, leakage.actor_args())
     # One shard worker per shard in flight, spread over the generators' nodes. No Ray-level
     # retries: a shard whose worker or node dies comes back here as an error and is re-submitted
     # with attempt + 1, so its stats record every attempt it took.

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import ConfigError, FactoryConfig, config_diff
 from .layout import Layout
+from .leakage import LeakagePlan, plan_leakage
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,19 @@ def read_record(layout: Layout) -> tuple[dict[str, Any], FactoryConfig]:
     return record, cfg
 
 
-def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tuple[Layout, dict[str, Any]]:
-    """Create OUT or check that it holds this very build; returns its build.json."""
+def prepare_output(
+    cfg: FactoryConfig, out: str, new_build: bool = False, leakage: LeakagePlan | None = None
+) -> tuple[Layout, dict[str, Any]]:
+    """Create OUT or check that it holds this very build; returns its build.json.
+
+    `leakage` (factory/leakage.py, worked out here when not given) decides whether the build measures
+    training similarity; the file it uses is hashed with the models, and the decision is recorded.
+    """
     layout = Layout(out)
     models = model_hashes(cfg)  # a missing model file fails here, before OUT is touched
+    if leakage is None:
+        leakage = plan_leakage(cfg)  # so does a check that cannot be applied
+    models |= leakage.model_hashes(cfg.maugen.checkpoint)
     layout.makedirs()
     build_id = cfg.identity_hash()
     old = _existing_record(layout, new_build)
@@ -97,6 +107,8 @@ def prepare_output(cfg: FactoryConfig, out: str, new_build: bool = False) -> tup
         "config": cfg.model_dump(mode="json"),
         "models": models,
         "plan": {"target": plan.target, "shard_size": plan.shard_size, "num_shards": plan.num_shards},
+        # identity leakage: whether each sample's similarity to MAUGen's training subjects is measured, or why not
+        "training_similarity": leakage.record(),
         "versions": versions(),
         # chaos testing (factory/faults.py): MIFA_INJECT spoils samples, so it changes what the corpus holds
         "faults": {k: os.environ[k] for k in FAULT_ENV if os.environ.get(k)},

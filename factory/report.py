@@ -25,7 +25,16 @@ from .fallbacks import report_fields, report_line
 from .layout import TMP_PREFIX
 from .manifest import STATS_SUFFIX, Build, open_build
 from .plan import GRID
-from .report_data import ReportError, SampleAggregates, aggregate_shards, identities_summary, planned_crosstabs, storage_summary
+from .report_data import (
+    ReportError,
+    SampleAggregates,
+    aggregate_shards,
+    identities_summary,
+    leakage_summary,
+    planned_crosstabs,
+    similarity_threshold,
+    storage_summary,
+)
 from .report_samples import accepted_samples, rejected_samples
 from .checks import FUNNEL_ORDER, REASONS
 
@@ -254,7 +263,8 @@ def build_report(
     names = sorted(state.committed)
     stats = [state.committed[k] for k in names]
     n_accepted, candidates, sums, wall, timeline = _marker_totals(b, out, names, stats)
-    agg = aggregate_shards(b.layout, names, b.cfg.labels.occurrence_threshold, threads=threads)
+    sim_threshold = similarity_threshold(record)[0]
+    agg = aggregate_shards(b.layout, names, b.cfg.labels.occurrence_threshold, threads, sim_threshold)
     if agg.rows != n_accepted:
         notes.append(f"parquets hold {agg.rows} rows but the markers count {n_accepted}; run `factory verify {out}`")
 
@@ -285,6 +295,7 @@ def build_report(
         "expand": dict(sums["expand"]) | report_fields(b.cfg, stats),
         "identities": identities_summary(b.cfg, stats),
         "storage": storage_summary(b.cfg, stats, n_accepted),
+        "training_similarity": leakage_summary(record, agg, int(sums["rejected"].get("training_similarity", 0))),
         "throughput": {
             "samples_per_s": n_accepted / wall if wall else None,
             "wall_s": wall,
@@ -321,6 +332,39 @@ def _print_identities_and_storage(con: Any, rep: dict[str, Any]) -> None:
         con.print(f"storage: {size}{retried}")
 
 
+def leakage_line(leak: dict[str, Any]) -> str:
+    """Identity leakage in one line: the training-similarity distribution over the accepted samples, or why
+    it was not measured."""
+    if not leak["measured"]:
+        return f"training similarity (identity leakage): not measured: {leak['why']}"
+    head = (
+        f"training similarity (identity leakage; max cosine to the {leak['subjects']} MAUGen training subjects, "
+        f"{leak['identity_encoder']})"
+    )
+    if not leak["samples"]:
+        return f"{head}: no accepted sample measured yet"
+    q = leak["quantiles"]
+    dist = (
+        f"p50 {q['p50']:.3f}, p90 {q['p90']:.3f}, p99 {q['p99']:.3f}, max {leak['max']:.3f} "
+        f"over {leak['samples']:,} samples"
+    )
+    if leak["threshold"] is None:
+        above = (
+            "no threshold to count above: the identity encoder's spec has no verification threshold and "
+            "checks.training_similarity is unset"
+        )
+    else:
+        above = (
+            f"{leak['above_threshold']:,} ({leak['share_above']:.1%}) above {leak['threshold']:.4f}, "
+            f"{leak['threshold_source']}"
+        )
+    check = (
+        f"check: rejects above {leak['check']} ({leak['rejected']:,} rejected)" if leak["check"] is not None
+        else "check: off (checks.training_similarity unset: measured only)"
+    )
+    return f"{head}: {dist}; {above}; {check}"
+
+
 def print_report(rep: dict[str, Any]) -> None:
     """Terminal summary as rich tables."""
     from rich.console import Console
@@ -338,6 +382,7 @@ def print_report(rep: dict[str, Any]) -> None:
         con.print(f"kept {rate:.1%} of {rep['candidates']} candidates")
     con.print(f"prompts: {report_line(rep['expand'])}")
     _print_identities_and_storage(con, rep)
+    con.print(leakage_line(rep["training_similarity"]), markup=False)
     t = Table(title="funnel and rejections")
     t.add_column("stage / reason")
     t.add_column("count", justify="right")

@@ -31,9 +31,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: The parquet columns the figures need; nothing else is read.
-COLUMNS = ("emotion", "skin_group", "age_group", "target_intensity", "intensity", "occurrence")
+COLUMNS = ("emotion", "skin_group", "age_group", "target_intensity", "intensity", "occurrence", "training_similarity")
+#: Columns newer than some builds: a parquet without them reads as all null there.
+OPTIONAL_COLUMNS = frozenset({"training_similarity"})
 N_AU = len(AUS)
 N_BINS = INTENSITY_MAX + 1  # intensity 0..5, labels rounded to the nearest level
+#: Training similarity (a cosine, -1..1) is summed as a histogram of this many bins: quantiles to 0.001.
+SIM_BINS = 2000
 
 
 class ReportError(Exception):
@@ -54,12 +58,48 @@ class SampleAggregates:
     emotion_age: np.ndarray = field(
         default_factory=lambda: np.zeros((len(GRID.emotions), len(GRID.age_groups)), np.int64)
     )
+    # training similarity over the rows that have one: histogram on [-1, 1], sum, max, count above a threshold
+    sim_hist: np.ndarray = field(default_factory=lambda: np.zeros(SIM_BINS, np.int64))
+    sim_sum: float = 0.0
+    sim_max: float = -np.inf
+    sim_above: int = 0
 
     def __iadd__(self, other: SampleAggregates) -> Self:
         self.rows += other.rows
-        for name in ("occ", "target_occ", "int_hist", "target_int_hist", "cooc", "emotion_skin", "emotion_age"):
+        arrays = ("occ", "target_occ", "int_hist", "target_int_hist", "cooc", "emotion_skin", "emotion_age", "sim_hist")
+        for name in arrays:
             getattr(self, name).__iadd__(getattr(other, name))
+        self.sim_sum += other.sim_sum
+        self.sim_max = max(self.sim_max, other.sim_max)
+        self.sim_above += other.sim_above
         return self
+
+    def similarity(self, threshold: float | None) -> dict[str, Any]:
+        """The training-similarity distribution: quantiles (to a bin, 0.001), mean, max, and the count and
+        share above `threshold` (counted exactly, per row)."""
+        n = int(self.sim_hist.sum())
+        out: dict[str, Any] = {"samples": n, "unmeasured_samples": self.rows - n}
+        if not n:
+            return out
+        cum = np.cumsum(self.sim_hist)
+        edges = np.linspace(-1.0, 1.0, SIM_BINS + 1)
+        quantiles = {}
+        for q in (0.5, 0.9, 0.99):
+            b = int(np.searchsorted(cum, q * n))  # the bin holding the q-quantile; its upper edge, capped at the max
+            quantiles[f"p{round(q * 100)}"] = round(min(float(edges[b + 1]), self.sim_max), 4)
+        coarse = self.sim_hist.reshape(-1, 20).sum(1)  # 0.02-wide bins for the plot
+        out |= {
+            "quantiles": quantiles,
+            "mean": round(self.sim_sum / n, 4),
+            "max": round(self.sim_max, 4),
+            "above_threshold": self.sim_above if threshold is not None else None,
+            "share_above": self.sim_above / n if threshold is not None else None,
+            "histogram": {
+                "edges": np.linspace(-1.0, 1.0, len(coarse) + 1).round(2).tolist(),
+                "counts": coarse.tolist(),
+            },
+        }
+        return out
 
 
 def _matrix(col: pa.ChunkedArray | pa.Array, dtype: Any) -> np.ndarray:
@@ -80,11 +120,19 @@ def _crosstab(a: np.ndarray, b: np.ndarray, shape: tuple[int, int]) -> np.ndarra
     return np.bincount(a[ok] * shape[1] + b[ok], minlength=shape[0] * shape[1]).reshape(shape)
 
 
-def aggregate_table(table: pa.Table, threshold: int) -> SampleAggregates:
-    """Reduce the rows of one parquet to a SampleAggregates (pure numpy, no per-row Python)."""
+def aggregate_table(table: pa.Table, threshold: int, sim_threshold: float | None = None) -> SampleAggregates:
+    """Reduce the rows of one parquet to a SampleAggregates (pure numpy, no per-row Python); training
+    similarity above `sim_threshold` is counted."""
     agg = SampleAggregates(rows=table.num_rows)
     if not table.num_rows:
         return agg
+    if "training_similarity" in table.column_names:
+        sim = table["training_similarity"].drop_null().to_numpy().astype(np.float64)
+        if len(sim):
+            bins = np.clip(((sim + 1.0) / 2.0 * SIM_BINS).astype(np.int64), 0, SIM_BINS - 1)
+            agg.sim_hist = np.bincount(bins, minlength=SIM_BINS)
+            agg.sim_sum, agg.sim_max = float(sim.sum()), float(sim.max())
+            agg.sim_above = int((sim > sim_threshold).sum()) if sim_threshold is not None else 0
     target = _matrix(table["target_intensity"], np.int64)
     inten = _matrix(table["intensity"], np.float32)
     occ = _matrix(table["occurrence"], bool)
@@ -113,10 +161,14 @@ def arrow_filesystem(layout: Layout) -> pafs.FileSystem:
 
 
 def read_parquet(layout: Layout, name: str, fs: pafs.FileSystem | None = None) -> pa.Table:
-    """The needed columns of one shard's parquet, or a ReportError naming the file and the fix."""
+    """The needed columns of one shard's parquet (those of OPTIONAL_COLUMNS it has), or a ReportError
+    naming the file and the fix."""
     path = layout.parquet(name)
     try:
-        return pq.read_table(path, columns=list(COLUMNS), filesystem=fs or arrow_filesystem(layout), use_threads=False)
+        with (fs or arrow_filesystem(layout)).open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            have = set(pf.schema_arrow.names)
+            return pf.read(columns=[c for c in COLUMNS if c in have or c not in OPTIONAL_COLUMNS], use_threads=False)
     except FileNotFoundError:
         raise ReportError(
             f"{path} is missing although shard {name} is committed; run `factory verify {layout.out}`, "
@@ -129,7 +181,9 @@ def read_parquet(layout: Layout, name: str, fs: pafs.FileSystem | None = None) -
         ) from None
 
 
-def aggregate_shards(layout: Layout, names: list[str], threshold: int, threads: int = 4) -> SampleAggregates:
+def aggregate_shards(
+    layout: Layout, names: list[str], threshold: int, threads: int = 4, sim_threshold: float | None = None
+) -> SampleAggregates:
     """Sum the per-file aggregates of the given committed shards."""
     fs = arrow_filesystem(layout)
     total = SampleAggregates()
@@ -137,7 +191,7 @@ def aggregate_shards(layout: Layout, names: list[str], threshold: int, threads: 
         return total
 
     def one(name: str) -> SampleAggregates:
-        return aggregate_table(read_parquet(layout, name, fs), threshold)
+        return aggregate_table(read_parquet(layout, name, fs), threshold, sim_threshold)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for agg in pool.map(one, names):
@@ -189,3 +243,31 @@ def storage_summary(cfg: Any, stats: list[dict[str, Any]], n_accepted: int) -> d
         # requests to an object store retried after a transient error (503 SlowDown, 500, a reset)
         "store_retries": sum(int(s.get("store_retries", 0)) for s in stats),
     }
+
+
+#: build.json without a `training_similarity` entry was written before the leakage check existed.
+NOT_RECORDED = "this build predates the identity-leakage check (build.json does not record it)"
+
+
+def similarity_threshold(record: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The threshold the report counts training similarity above, and what it is: the identity encoder's
+    verification threshold (from its spec) where it has one, else checks.training_similarity, else none."""
+    leak = record.get("training_similarity") or {}
+    if leak.get("verify_threshold") is not None:
+        return float(leak["verify_threshold"]), f"the verification threshold of {leak['identity_encoder']} (its spec)"
+    if leak.get("check") is not None:
+        return float(leak["check"]), "checks.training_similarity (the encoder's spec gives no verification threshold)"
+    return None, None
+
+
+def leakage_summary(record: dict[str, Any], agg: SampleAggregates, rejected: int) -> dict[str, Any]:
+    """Identity leakage over the accepted samples: the training-similarity distribution and how many
+    lie above the verification threshold, or why the build did not measure it."""
+    leak = record.get("training_similarity")
+    if leak is None:
+        return {"measured": False, "why": NOT_RECORDED}
+    out = {k: leak.get(k) for k in ("measured", "why", "identity_encoder", "subjects", "check", "data")}
+    if not leak.get("measured"):
+        return out
+    threshold, source = similarity_threshold(record)
+    return out | {"threshold": threshold, "threshold_source": source, "rejected": rejected} | agg.similarity(threshold)

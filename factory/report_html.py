@@ -27,6 +27,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("au-intensity", "Per-AU intensity histograms vs plan"),
     ("cooccurrence", "AU co-occurrence"),
     ("balance", "Emotion x demographic balance"),
+    ("leakage", "Identity leakage: similarity to MAUGen's training subjects"),
     ("throughput", "Throughput over time per node"),
     ("failed", "Failed shards"),
     ("samples-accepted", "Accepted samples"),
@@ -100,6 +101,40 @@ def _summary(rep: dict[str, Any]) -> str:
         items = "".join(f"<li><b>{_e(e)}</b>: {_e(n)}</li>" for e, n in rep["partial_emotions"].items())
         out += f'<p class="muted">Emotions only partly expressible with the 12 AUs:</p><ul class="muted">{items}</ul>'
     return out
+
+
+def _leakage(leak: dict[str, Any]) -> str:
+    """The training-similarity distribution over the accepted samples (plot and table), or why not measured."""
+    if not leak["measured"]:
+        return f'<p class="note">Not measured: {_e(leak["why"])}</p>'
+    if not leak["samples"]:
+        return '<p class="muted">No accepted sample measured yet.</p>'
+    q, h = leak["quantiles"], leak["histogram"]
+    thr = leak["threshold"]
+    rows = [
+        ["training subjects", f"{leak['subjects']:,} ({leak['identity_encoder']})"],
+        ["samples measured", f"{leak['samples']:,}"],
+        ["median / p90 / p99", f"{q['p50']:.3f} / {q['p90']:.3f} / {q['p99']:.3f}"],
+        ["mean / max", f"{leak['mean']:.3f} / {leak['max']:.3f}"],
+        [
+            "above the threshold",
+            "no threshold: the identity encoder's spec has none and checks.training_similarity is unset"
+            if thr is None
+            else f"{leak['above_threshold']:,} ({leak['share_above']:.1%}) above {thr:.4f}, {leak['threshold_source']}",
+        ],
+        [
+            "check",
+            f"rejects above {leak['check']} ({leak['rejected']:,} rejected)"
+            if leak["check"] is not None
+            else "off: measured only (checks.training_similarity unset)",
+        ],
+    ]
+    plot = _img(plots.training_similarity(h["edges"], h["counts"], thr), "training similarity histogram")
+    note = (
+        '<p class="muted">Each accepted face embedded with the build\'s identity encoder; its highest cosine '
+        "similarity to the exemplars of the people MAUGen was trained on (quantiles to 0.001).</p>"
+    )
+    return plot + _table(["", ""], rows) + note
 
 
 def _failed(rep: dict[str, Any]) -> str:
@@ -206,6 +241,7 @@ def render_html(rep: dict[str, Any]) -> str:
             ),
             "emotion x demographic balance",
         ),
+        "leakage": _leakage(rep["training_similarity"]),
         "throughput": _img(plots.throughput(f["throughput"]["nodes"]), "throughput per node")
         + _table(
             ["node", "shards", "samples", "shard-seconds"],

@@ -161,3 +161,24 @@ def throughput(nodes: dict[str, list[list[float]]]) -> bytes:
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def training_similarity(edges: list[float], counts: list[int], threshold: float | None) -> bytes:
+    """Accepted samples by their highest identity similarity to MAUGen's training subjects, with the
+    threshold the report counts above (a dashed line)."""
+    fig = Figure(figsize=(9, 3.0), layout="constrained")
+    ax = fig.add_subplot()
+    e, c = np.asarray(edges, float), np.asarray(counts, float)
+    if not c.sum():
+        _empty(ax, "no measured samples yet")
+        return _png(fig)
+    ax.bar(e[:-1], c, width=np.diff(e), align="edge", color=ACCEPTED)
+    lo, hi = e[:-1][c > 0].min(), e[1:][c > 0].max()
+    if threshold is not None:
+        ax.axvline(threshold, color="#c05621", ls="--", lw=1.2, label=f"threshold {threshold:.4f}")
+        lo, hi = min(lo, threshold), max(hi, threshold)
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_xlim(lo - 0.05, hi + 0.05)
+    ax.set_xlabel("highest cosine similarity to a training subject")
+    ax.set_ylabel("accepted samples")
+    return _png(fig)

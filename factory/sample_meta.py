@@ -31,6 +31,8 @@ def accepted_sample(
         scores["label_consensus_jaccard"] = round(float(cand.scores["label_consensus_jaccard"]), 6)
         if d.realism is not None:
             scores["realism"] = round(float(d.realism), 6)
+        if d.training_similarity is not None:
+            scores["training_similarity"] = round(float(d.training_similarity), 6)
         consensus_meta = {
             "occurrence": c_occ.astype(int).tolist(),
             "intensity": [None if np.isnan(x) else round(float(x), 4) for x in c_int],
@@ -46,6 +48,7 @@ def accepted_sample(
             "realism": scores.get("realism"),
             "label_consensus_jaccard": scores["label_consensus_jaccard"],
             "detectors": _json(d.raw()),
+            "training_similarity": scores.get("training_similarity"),
         }
     meta = candidate_meta(cand, thr) | {
         "labels": labels_meta(intensity, cand.occurrence_prob, thr),

@@ -60,6 +60,8 @@ PARQUET_SCHEMA = pa.schema(
         ("realism", pa.float32()),
         ("label_consensus_jaccard", pa.float32()),
         ("detectors", pa.string()),  # JSON {detector: {probability: [12], intensity: [12]}}, raw outputs
+        # highest identity similarity to MAUGen's training subjects (factory/leakage.py); null: not measured
+        ("training_similarity", pa.float32()),
     ]
 )
 #: The parquet columns the detect stage fills (null in a row when detect.enabled is false).

@@ -87,8 +87,15 @@ def test_report_json_and_terminal(corpus):
     for a in rep["aus"]:  # the puppet renders its target exactly
         assert a["occurrence"] == pytest.approx(a["target_occurrence"])
     assert rep["throughput"]["samples_per_s"] > 0
+    # identity leakage: the puppet renderer has no training subjects; the report says so, and why
+    why = "generator=puppet is no trained model, so it has no training subjects"
+    assert rep["training_similarity"]["measured"] is False and rep["training_similarity"]["why"] == why
     t = factory("report", str(corpus), check=True)
     assert "accepted 2000/2000" in t.stdout and "AU26" in t.stdout
+    assert f"training similarity (identity leakage): not measured: {why}" in t.stdout
+    parquets = [str(p) for p in sorted((corpus / "shards").glob("*.parquet"))]
+    table = pq.read_table(parquets, columns=["training_similarity"])
+    assert table.column(0).null_count == 2000  # a null column where it is not measured
 
 
 def test_build_again_is_a_noop_and_other_config_is_refused(corpus):

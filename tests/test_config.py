@@ -146,7 +146,13 @@ def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
         return out
 
     # keys added later leave the identity at their default (see the test below), so set them here
-    cfg = FactoryConfig.model_validate({"build": {"image_size": 128}, "identities": {"source": "pool", "pool": "/p"}})
+    cfg = FactoryConfig.model_validate(
+        {
+            "build": {"image_size": 128},
+            "identities": {"source": "pool", "pool": "/p"},
+            "checks": {"training_similarity": 0.8},
+        }
+    )
     everything, identity = keys(cfg.model_dump(mode="json")), keys(cfg.identity_dict())
     assert {k for k in everything if resumable(k)} == everything - identity
     assert {"runtime.num_generators", "build.max_oversample", "build.shard_retries"} <= everything - identity
@@ -175,7 +181,8 @@ def test_detector_threads_follow_the_actor_cpu_share():
 
 
 def test_keys_added_later_leave_the_build_id_alone_at_their_default():
-    """A build made before `identities` and `build.image_size` existed keeps its id (and resumes)."""
+    """A build made before `identities`, `build.image_size` and `checks.training_similarity` existed keeps
+    its id (and resumes)."""
     from factory.config import ADDED_LATER
 
     cfg = FactoryConfig()
@@ -187,6 +194,11 @@ def test_keys_added_later_leave_the_build_id_alone_at_their_default():
     assert pool.identity_dict()["identities"]["pool"] == "/photos" and pool.identity_hash() != cfg.identity_hash()
     sized = FactoryConfig.model_validate({"build": {"image_size": 512}})
     assert sized.identity_dict()["build"]["image_size"] == 512 and sized.identity_hash() != cfg.identity_hash()
+    assert cfg.checks.training_similarity is ADDED_LATER["checks.training_similarity"]
+    assert "training_similarity" not in ident["checks"]
+    strict = FactoryConfig.model_validate({"checks": {"training_similarity": 0.6}})
+    assert strict.identity_dict()["checks"]["training_similarity"] == 0.6
+    assert strict.identity_hash() != cfg.identity_hash()
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from conftest import ROOT, factory
 
 from core.identity_net import IdentityNet
 from detectors.builtin import torch_weights
+from detectors.spec import file_sha256
 from pipelines.maugen import ConditionalLabelDecoder, MAUGenConfig, MAUGenPipeline, build_pipeline, core, losses
 from pipelines.maugen.build import build_word_tokenizer, load_identity_encoder, prompt_corpus, sd15_on_meta
 from pipelines.maugen.data import PuppetFaceDataset
@@ -611,8 +612,30 @@ def test_factory_train_command(tmp_path):
     )
     p = factory("train", "--config", str(cfg), "--out", str(tmp_path / "run"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert (tmp_path / "run" / "final" / "model_index.json").is_file()
+    final = tmp_path / "run" / "final"
+    assert (final / "model_index.json").is_file()
     assert json.loads((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()[-1])["step"] == 1
+    # beside every pipeline it saved: the training subjects' identity embeddings (factory/leakage.py)
+    from factory.leakage import FIELDS, TrainingSubjects, recompute
+    from pipelines.maugen.builtin import SUBJECTS_FILE
+    from pipelines.maugen.train import load_train_config
+
+    saved = [final, *sorted((tmp_path / "run" / "checkpoints").glob("step-*/pipeline*"))]
+    assert len(saved) == 2 and all((d / SUBJECTS_FILE).is_file() for d in saved)
+    assert (saved[0] / SUBJECTS_FILE).read_bytes() == (saved[1] / SUBJECTS_FILE).read_bytes()
+    subjects = TrainingSubjects.load(final / SUBJECTS_FILE, "-")
+    people = {s.subject for s in PuppetFaceDataset(4, 2, split="train", seed=0, workers=1)}  # what it trained on
+    assert set(subjects.subject_ids) == people and subjects.embeddings.shape == (len(people), 64)
+    np.testing.assert_allclose(np.linalg.norm(subjects.embeddings, axis=1), 1.0, rtol=1e-5)
+    assert subjects.encoder == "builtin:identity" and subjects.encoder_sha256 == file_sha256(
+        ID_WEIGHTS.parent / "model.onnx"
+    )
+    with np.load(final / SUBJECTS_FILE) as z:  # embeddings, ids and provenance: no exemplar image is kept
+        assert sorted(z.files) == sorted(FIELDS)
+    # `factory subjects` (what rebuilds it for a checkpoint) gives the same bytes from train_config.yaml
+    before = (final / SUBJECTS_FILE).read_bytes()
+    recompute(str(final), load_train_config(final / "train_config.yaml"), "builtin:identity")
+    assert (final / SUBJECTS_FILE).read_bytes() == before
     p = factory("train", "--set", "losses.min_agree=x")
     assert p.returncode == 2 and "losses.min_agree" in p.stderr
 

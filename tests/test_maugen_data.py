@@ -30,6 +30,7 @@ from pipelines.maugen.data import (
     describe,
     disfa_split,
     extract_frames,
+    puppet_subjects,
 )
 from pipelines.maugen.data.bp4d import BP4D_FOLDS, prompt_vector
 from pipelines.maugen.data.prompting import choose_emotion, choose_strength, prompt_levels, request_for
@@ -109,6 +110,11 @@ def test_disfa_reads_labels_frames_and_exemplars(disfa_root):
     assert s.subject == "SN002" and s.meta["frame"] == 4 and s.meta["file"].endswith("000004.png")
     assert set(parse_description_aus(s.prompt)) == set(active_set(want))
     assert tuple(ds[_index(ds, "SN006", 1)].exemplar[0, 0]) == _colour(3, 2)
+    # its subjects and their exemplars, for `factory train`'s training-subject embeddings
+    listed = ds.subject_exemplars()
+    assert [sub for sub, _ in listed] == ["SN001", "SN002", "SN003", "SN006"]
+    least = {sub: DISFA_FIXTURE[sub][3] for sub in DISFA_FIXTURE}
+    assert all(tuple(img[4, 4]) == _colour(DISFA_FIXTURE[sub][0], least[sub]) for sub, img in listed)
     # every: every 2nd labelled frame on disk
     ds2 = DisfaDataset(disfa_root, subjects=["SN006"], size=8, every=2)
     assert ds2.frames.tolist() == [1, 3]
@@ -384,6 +390,9 @@ def test_bp4d_labels_and_nan(bp4d_root):
     # exemplar: the frame with the fewest occurring AUs over all coded columns (2443, not 2442 with AU7)
     assert _near(s.exemplar[0, 0], (10, 43, 200))
     assert _near(_bp4d_item(ds, "T2", 1).exemplar[0, 0], (10, 43, 200))
+    listed = ds.subject_exemplars()  # one exemplar per subject, for the training-subject embeddings
+    assert [sub for sub, _ in listed] == ["F001", "M001"]
+    assert _near(listed[0][1][0, 0], (10, 43, 200)) and _near(listed[1][1][0, 0], (30, 5, 200))
     assert [x.meta["frame"] for x in (ds[i] for i in range(len(ds))) if x.meta["task"] == "T2"] == [1, 2]
     assert len(BP4DDataset(bp4d_root, subjects=["F001"], every=2, size=8)) == 2 + 1
     assert BP4DDataset(bp4d_root, tasks=["T2"], size=8).subjects == ["F001"]
@@ -442,6 +451,19 @@ def test_puppet_dataset_deterministic_and_exact():
         assert s.mask.dtype == np.float32 and not np.isnan(s.intensity).any()
         assert active_set(parse_description(s.prompt)) == active_set(s.intensity)
     assert len({a[i].subject for i in range(24)}) == 3
+
+    # the people the samples show, with their exemplars: from the dataset, or listed without rendering a sample
+    listed = a.subject_exemplars()
+    assert [sub for sub, _ in listed] == a.subject_ids and all(
+        np.array_equal(img, a.exemplars[k]) for k, (_, img) in enumerate(listed)
+    )
+    few = PuppetFaceDataset(2, 5, split="train", seed=5, workers=1)  # 2 samples: at most 2 of the 5 people
+    for ds, n in ((a, 24), (few, 2)):
+        again = puppet_subjects(n, 5 if ds is few else 3, "train", 5, 64, workers=1)
+        assert [sub for sub, _ in again] == [sub for sub, _ in ds.subject_exemplars()] == sorted(
+            {ds[i].subject for i in range(n)}, key=ds.subject_ids.index
+        )
+        assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(again, ds.subject_exemplars()))
 
     held = PuppetFaceDataset(4, 3, split="heldout", seed=5, workers=1)
     assert not {held[i].subject for i in range(4)} & {a[i].subject for i in range(24)}

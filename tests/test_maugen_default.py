@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -149,7 +150,12 @@ def test_shipped_checkpoint_labels_agree_with_independent_detectors_on_heldout_i
     assert f1_independent >= INDEPENDENT_F1_BAR
 
 
-def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
+def _members(tar_path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path, capsys):
     """README command 1 at a small size, on a terminal: the whole graph runs, and what the user reads
     holds no Python warning and no library's progress bar, then where the corpus is and how to read it."""
     out = tmp_path / "out"
@@ -176,6 +182,35 @@ def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
         assert s["detect"]["enabled"] and s["generator"].startswith("maugen@"), s
         assert s["candidates"] == s["funnel"]["accepted"] + sum(s["rejected"].values()), s
     factory("verify", str(out), check=True)
+
+    # identity leakage: each accepted face's highest similarity to the checkpoint's 400 training subjects,
+    # measured (checks.training_similarity unset: never rejected) in the parquet, KEY.json and the report
+    leak = build["training_similarity"]
+    assert leak["measured"] and leak["subjects"] == 400 and leak["identity_encoder"] == "builtin:identity"
+    assert build["models"]["training_subjects:builtin:tiny-puppet"] == leak["sha256"]
+    table = pq.read_table(parquets, columns=["key", "training_similarity"])
+    sims = dict(zip(table.column("key").to_pylist(), table.column("training_similarity").to_pylist()))
+    assert len(sims) == 8 and all(v is not None and -1 <= v <= 1 for v in sims.values()), sims
+    for tar in sorted((out / "shards").glob("*.tar")):
+        for meta in (json.loads(v) for k, v in _members(tar).items() if k.endswith(".json")):
+            assert meta["scores"]["training_similarity"] == pytest.approx(sims[meta["key"]], abs=1e-6)
+    assert all(s["rejected"]["training_similarity"] == 0 for s in stats)
+    html = tmp_path / "report.html"
+    rep = json.loads(factory("report", str(out), "--json", "--html", str(html), check=True).stdout)
+    got, values = rep["training_similarity"], np.array(sorted(sims.values()))
+    assert got["measured"] and got["samples"] == 8 and got["max"] == pytest.approx(values.max(), abs=1e-4)
+    assert got["threshold"] == 0.7496 and got["above_threshold"] == int((values > 0.7496).sum())
+    for q in (50, 90, 99):  # to the report's 0.001 bins, from above
+        exact = np.quantile(values, q / 100, method="inverted_cdf")
+        assert -1e-6 <= got["quantiles"][f"p{q}"] - exact <= 0.001 + 1e-6, (q, got["quantiles"], values)
+    page = html.read_text()
+    assert 'id="leakage"' in page and "training similarity histogram" in page and "above 0.7496" in page
+    from factory.report import print_report
+
+    print_report(rep)
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("training similarity"))
+    assert "max cosine to the 400 MAUGen training subjects" in line and f"max {values.max():.3f}" in line
+    assert "check: off (checks.training_similarity unset: measured only)" in line
 
 
 def test_the_corpus_size_is_the_checkpoint_s_and_another_build_image_size_is_refused():

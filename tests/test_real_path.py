@@ -39,6 +39,9 @@ from PIL import Image
 from real_fixtures import MASKED_PHOTOS, POOL_PHOTOS, write_face_pool, write_tiny_sd_inpainting
 from test_maugen_data import make_disfa
 
+from factory.leakage import FIELDS, TrainingSubjects
+from pipelines.maugen.data import disfa_split
+
 SECTION = "## Building the real MIFA"
 BIN = Path(sys.executable).parent  # this venv's `factory` and `ray`
 #: The trained size of the toy model, so the corpus size; not the puppet's 64.
@@ -384,6 +387,14 @@ def test_train_from_an_sd_inpainting_folder_on_disfa(real):
     for name in ("denoise", "text_au", "image_label", "identity"):
         assert np.isfinite(rows[-1][f"loss/{name}"])
     assert "DISFA left camera" in real.results["train"].stderr
+    # the DISFA training subjects' identity embeddings beside each saved pipeline; never their photos
+    for folder in (final, *(real.run / "checkpoints").glob("step-*/pipeline")):
+        with np.load(folder / "training_subjects.npz") as z:
+            assert sorted(z.files) == sorted(FIELDS)
+    subjects = TrainingSubjects.load(final / "training_subjects.npz", "-")
+    on_disk = {p.name for p in (real.disfa / "ActionUnit_Labels").iterdir()}
+    assert list(subjects.subject_ids) == sorted(set(disfa_split(0, "train")) & on_disk) and subjects.subject_ids
+    assert subjects.info["data"]["kind"] == "disfa" and subjects.info["exemplar_size"] == SIZE
 
 
 def test_build_with_a_photo_pool_at_the_trained_size(real):
@@ -441,6 +452,8 @@ def test_verify_report_and_eval(real):
     _ok(rep)
     assert real.report_html.stat().st_size > 0 and "<html" in real.report_html.read_text()[:2000].lower()
     assert f"identities: pool {real.pool}; masks:" in rep.stdout
+    n = len(TrainingSubjects.load(real.run / "final" / "training_subjects.npz", "-").subject_ids)
+    assert f"training similarity (identity leakage; max cosine to the {n} MAUGen training subjects" in rep.stdout
     ev = real.results["eval"]
     _ok(ev)
     e = json.loads(ev.stdout)

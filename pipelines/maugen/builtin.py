@@ -8,10 +8,13 @@ weights is refused. Any other string is a path to a saved `MAUGenPipeline` direc
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 PREFIX = "builtin:"
+#: Beside a saved pipeline: its training subjects' identity embeddings (factory/leakage.py), no photos.
+SUBJECTS_FILE = "training_subjects.npz"
 #: name -> the training recipe that rebuilds it (`factory train --config RECIPE --out runs/NAME`)
 BUILTIN_CHECKPOINTS: dict[str, str] = {"tiny-puppet": "pipelines/maugen/configs/tiny-puppet.yaml"}
 
@@ -44,11 +47,32 @@ def resolve_checkpoint(ref: str) -> Path:
 
 
 def checkpoint_hash(path: Path) -> str:
-    """sha256 over a checkpoint directory's file names and bytes (provenance; resume refuses a change)."""
+    """sha256 over a checkpoint directory's file names and bytes (provenance; resume refuses a change).
+
+    The training subjects' embeddings (SUBJECTS_FILE) are left out: they are not the weights, may be
+    recomputed for another identity encoder, and a build that uses them records their own hash.
+    """
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).as_posix() != SUBJECTS_FILE):
         h.update(str(f.relative_to(path)).encode())
         with f.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_image_size(path: Path) -> int:
+    """The image size a saved pipeline makes (its UNet's sample size times the latent's scale), read from
+    its component configs without loading weights; as `MAUGenPipeline.vae_scale_factor` works it out."""
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        vae_config = path / "vae" / "config.json"
+        if vae_config.is_file():
+            scale = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1)
+        else:  # pixel space: p x p patches folded into 3 p^2 channels
+            scale = round((int(unet["out_channels"]) / 3) ** 0.5)
+        return int(unet["sample_size"]) * scale
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FileNotFoundError(
+            f"{path} is not a readable saved MAUGenPipeline ({type(err).__name__}: {err}); re-save it"
+        ) from None

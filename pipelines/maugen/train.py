@@ -15,6 +15,9 @@ Why it is built this way:
 - Checkpoints are `OUT/checkpoints/step-NNNNNNN/` (the pipeline via save_pretrained, and
   `trainer.pt`); `COMPLETE` is written last and only complete checkpoints are resumed from.
 - Every loss term and every adaptive weight goes to `OUT/train_log.jsonl` and the log.
+- `on_save` hears every pipeline folder saved (checkpoints and final): `factory train` puts the
+  training subjects' identity embeddings there (`training_subjects.npz`, factory/leakage.py), so a
+  build can measure how close its faces come to the people the model was trained on.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -191,6 +195,16 @@ def make_dataset(cfg: DataConfig, image_size: int, budget: TokenBudget | None = 
     return data.BP4DDataset(cfg.root, subjects=subjects, size=image_size, every=cfg.every, budget=budget)
 
 
+def subject_exemplars(cfg: DataConfig, image_size: int) -> list[tuple[str, np.ndarray]]:
+    """(subject id, exemplar image) of every training subject the config's dataset shows, at `image_size`:
+    what `make_dataset(cfg, image_size).subject_exemplars()` returns, without rendering puppet samples."""
+    from . import data
+
+    if cfg.kind == "puppet":
+        return data.puppet_subjects(cfg.samples, cfg.people, cfg.split, cfg.seed, image_size, cfg.workers)
+    return make_dataset(cfg, image_size).subject_exemplars()
+
+
 class MAUGenModules(nn.Module):
     """The trained parts in one module (what the optimiser and DDP see)."""
 
@@ -209,10 +223,19 @@ class MAUGenModules(nn.Module):
 class Trainer:
     """One training run (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, dataset=None, log_to_file: bool = True):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        dataset=None,
+        log_to_file: bool = True,
+        on_save: Callable[[Path], None] | None = None,
+    ):
         from accelerate import Accelerator
 
         self.cfg = cfg
+        #: called with every pipeline folder saved (checkpoints' pipeline and pipeline-ema, final) before it is
+        #: renamed into place: `factory train` writes the training subjects' embeddings beside the weights
+        self.on_save = on_save
         self.out = Path(cfg.out)
         self.log_to_file = log_to_file
         if cfg.threads:
@@ -570,13 +593,15 @@ class Trainer:
         """Save the pipeline; with `ema` (and EMA on) its trained weights are the EMA's, then restored."""
         if not (ema and self.ema is not None):
             self.pipe.save_pretrained(path)
-            return
-        self.ema.store(self.params)
-        self.ema.copy_to(self.params)
-        try:
-            self.pipe.save_pretrained(path)
-        finally:
-            self.ema.restore(self.params)
+        else:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+            try:
+                self.pipe.save_pretrained(path)
+            finally:
+                self.ema.restore(self.params)
+        if self.on_save is not None:
+            self.on_save(Path(path))
 
     def checkpoints(self) -> list[Path]:
         root = self.out / "checkpoints"
@@ -591,7 +616,7 @@ class Trainer:
             return final
         tmp = root / f".step-{self.step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.pipe.save_pretrained(tmp / "pipeline")
+        self.save_pipeline(tmp / "pipeline", ema=False)
         if self.ema is not None:
             self.save_pipeline(tmp / "pipeline-ema", ema=True)
         torch.save(

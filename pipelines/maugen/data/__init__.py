@@ -13,7 +13,7 @@ from pipelines.identities.images import load_face
 from pipelines.maugen.data.bp4d import BP4D_FOLDS, BP4D_SUBJECT, BP4D_SUBJECTS, BP4DDataset, bp4d_split
 from pipelines.maugen.data.disfa import DISFA_FOLDS, DISFA_SUBJECTS, DisfaDataset, disfa_split, extract_frames
 from pipelines.maugen.data.prompting import describe
-from pipelines.maugen.data.puppet import PuppetFaceDataset
+from pipelines.maugen.data.puppet import PuppetFaceDataset, puppet_subjects
 from pipelines.maugen.data.types import FaceSample
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "disfa_split",
     "extract_frames",
     "load_face",
+    "puppet_subjects",
 ]
 
 

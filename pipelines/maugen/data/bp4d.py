@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from core.facs import NUM_AUS, au_index
 from pipelines.maugen.data.disfa import fold_split, frame_index, read_frame_values
 from pipelines.prompts.budget import TokenBudget
-from pipelines.maugen.data.subjects import ExemplarCache, fold_subjects, frame_sample
+from pipelines.maugen.data.subjects import ExemplarCache, SubjectExemplars, fold_subjects, frame_sample
 from pipelines.maugen.data.types import FaceSample
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def prompt_vector(intensity: np.ndarray, occurrence: np.ndarray) -> np.ndarray:
     return v
 
 
-class BP4DDataset(Dataset):
+class BP4DDataset(SubjectExemplars, Dataset):
     """BP4D frames with occurrence (7 of the 12 AUs) and intensity (AU6/12/17) labels, as `FaceSample`s.
 
     `subjects` or `fold` (+ `part`) pick the people; with neither, every subject with AU_OCC files.
@@ -243,10 +243,6 @@ class BP4DDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._meta)
-
-    def exemplar(self, subject: str) -> np.ndarray:
-        """The subject's exemplar image (cached)."""
-        return self.exemplars(subject)
 
     def __getitem__(self, i: int) -> FaceSample:
         subject, task, frame, path = self._meta[i]

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from core.facs import AUS, DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX, INTENSITY_MIN, NUM_AUS
 from pipelines.prompts.budget import TokenBudget
-from pipelines.maugen.data.subjects import ExemplarCache, fold_subjects, frame_sample
+from pipelines.maugen.data.subjects import ExemplarCache, SubjectExemplars, fold_subjects, frame_sample
 from pipelines.maugen.data.types import FaceSample
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def extract_frames(
     return counts
 
 
-class DisfaDataset(Dataset):
+class DisfaDataset(SubjectExemplars, Dataset):
     """DISFA frames with their 12 AU intensities (exact DISFA labels), as `FaceSample`s.
 
     `subjects` or `fold` (+ `part`) pick the people; with neither, every subject that has a label
@@ -360,10 +360,6 @@ class DisfaDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def exemplar(self, subject: str) -> np.ndarray:
-        """The subject's exemplar image (cached)."""
-        return self.exemplars(subject)
 
     def __getitem__(self, i: int) -> FaceSample:
         subject, frame, path = self.sample_subjects[i], int(self.frames[i]), self.paths[i]

@@ -36,6 +36,47 @@ def person_id(identity: PuppetIdentity) -> str:
     return "puppet-" + hashlib.sha1(identity.model_dump_json().encode()).hexdigest()[:12]
 
 
+def _people(people: Sequence[PuppetIdentity] | int, split: str, seed: int) -> list[PuppetIdentity]:
+    """The dataset's identities: the list given, or `people` drawn from the split's stream."""
+    if isinstance(people, (int, np.integer)):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if people < 1:
+            raise ValueError(f"people must be >= 1, got {people}")
+        people = identities(int(people), split, seed)
+    people = list(people)
+    if not people:
+        raise ValueError("people is an empty list; give identities or a count")
+    if not all(isinstance(p, PuppetIdentity) for p in people):
+        raise ValueError("people must be PuppetIdentity objects (pipelines.puppet.sample_identity) or an int")
+    return people
+
+
+def _draw_people(n: int, people: int, seed: int) -> tuple[np.random.Generator, np.ndarray]:
+    """The dataset's rng and, drawn first from it, the index of each of its `n` samples' person."""
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    rng = np.random.default_rng([_STREAM, int(seed)])
+    return rng, rng.integers(0, people, int(n))
+
+
+def puppet_subjects(
+    n: int,
+    people: Sequence[PuppetIdentity] | int,
+    split: Literal["train", "heldout"] = "train",
+    seed: int = 0,
+    size: int = 64,
+    workers: int = 2,
+) -> list[tuple[str, np.ndarray]]:
+    """(subject id, exemplar) of every person that `PuppetFaceDataset(n, people, split, seed, size)` draws,
+    in the order of `people`, without rendering the samples: what its `subject_exemplars()` returns."""
+    people = _people(people, split, seed)
+    PuppetRenderer(size=int(size))  # validates size
+    drawn = [people[i] for i in np.unique(_draw_people(n, len(people), seed)[1])]
+    exemplars = render(drawn, np.zeros((len(drawn), NUM_AUS)), size=int(size), workers=workers)
+    return [(person_id(p), e) for p, e in zip(drawn, exemplars)]
+
+
 class PuppetFaceDataset(Dataset):
     """`n` puppet renders of `people` with random AU targets (pipelines.puppet.data.au_targets).
 
@@ -55,26 +96,14 @@ class PuppetFaceDataset(Dataset):
         workers: int = 2,
         budget: TokenBudget | None = None,
     ):
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if isinstance(people, (int, np.integer)):
-            if split not in ("train", "heldout"):
-                raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-            if people < 1:
-                raise ValueError(f"people must be >= 1, got {people}")
-            people = identities(int(people), split, seed)
-        people = list(people)
-        if not people:
-            raise ValueError("people is an empty list; give identities or a count")
-        if not all(isinstance(p, PuppetIdentity) for p in people):
-            raise ValueError("people must be PuppetIdentity objects (pipelines.puppet.sample_identity) or an int")
+        people = _people(people, split, seed)
         self.people: list[PuppetIdentity] = people
         self.size, self.seed = int(size), int(seed)
         renderer = PuppetRenderer(size=self.size)  # validates size before any work
 
-        rng = np.random.default_rng([_STREAM, self.seed])
+        rng, person = _draw_people(n, len(people), self.seed)
         #: int64 (n,): index into `people` of each sample.
-        self.person: np.ndarray = rng.integers(0, len(people), int(n))
+        self.person: np.ndarray = person
         #: int64 (n, 12): the exact AU intensities each image was rendered with.
         self.targets: np.ndarray = au_targets(int(n), rng)
         prompt_seeds = rng.integers(0, 2**62, int(n))
@@ -90,6 +119,10 @@ class PuppetFaceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def subject_exemplars(self) -> list[tuple[str, np.ndarray]]:
+        """(subject id, exemplar) of every person the samples show, in the order of `people`."""
+        return [(self.subject_ids[k], self.exemplars[k]) for k in np.unique(self.person).tolist()]
 
     def __getitem__(self, i: int) -> FaceSample:
         who = int(self.person[i])

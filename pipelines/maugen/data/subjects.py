@@ -44,6 +44,23 @@ class ExemplarCache:
         return img
 
 
+class SubjectExemplars:
+    """What a subject-split dataset (DISFA, BP4D) tells about its people: `subjects` and their exemplars
+    (`exemplars`, an ExemplarCache), for the identity condition and for `factory train`'s
+    training-subject embeddings (factory/leakage.py)."""
+
+    subjects: list[str]
+    exemplars: ExemplarCache
+
+    def exemplar(self, subject: str) -> np.ndarray:
+        """The subject's exemplar image (cached)."""
+        return self.exemplars(subject)
+
+    def subject_exemplars(self) -> list[tuple[str, np.ndarray]]:
+        """(subject id, exemplar image) of every subject with frames in the dataset, in `subjects` order."""
+        return [(s, self.exemplar(s)) for s in self.subjects]
+
+
 def frame_sample(
     source: str,
     path: Path,
