@@ -124,7 +124,9 @@ def _dry_run(cfg: FactoryConfig) -> dict:
         from pipelines.maugen.memory import generator_memory
 
         try:
-            out["generator_actor"] = generator_memory(cfg.maugen.checkpoint, cfg.maugen.dtype)
+            out["generator_actor"] = generator_memory(
+                cfg.maugen.checkpoint, cfg.maugen.dtype, cfg.maugen.batch_size, cfg.maugen.guidance_scale > 1.0
+            )
         except FileNotFoundError as err:  # the checkpoint may live only on the cluster's nodes
             out["generator_actor"] = {"checkpoint": cfg.maugen.checkpoint, "unavailable": str(err)}
     return out
