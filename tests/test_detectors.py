@@ -394,8 +394,16 @@ def test_realism_gen_command_samples_the_generator_as_a_build_does(tmp_path):
     from conftest import factory
 
     small = ["--epochs", "1", "--train-samples", "128", "--train-people", "8", "--heldout-samples", "64"]
+    cache = tmp_path / "cache"
+    small += ["--generated-cache", str(cache)]
     p = factory("detectors", "train", "realism-gen", "--out", str(tmp_path), *small, "--generated-samples", "8")
     assert p.returncode == 0, p.stderr[-3000:]
+    kept = sorted(cache.rglob("*.npy"))
+    assert len(kept) == 2 and not list(cache.rglob("*.tmp.npy"))  # one batch per split, each whole
+    before = (tmp_path / "realism-gen" / "model.onnx").read_bytes()
+    p = factory("detectors", "train", "realism-gen", "--out", str(tmp_path), *small, "--generated-samples", "8")
+    assert p.returncode == 0 and "generated 8/8" not in p.stderr  # served from the cache, nothing sampled
+    assert (tmp_path / "realism-gen" / "model.onnx").read_bytes() == before
     rep = yaml.safe_load((tmp_path / "realism-gen" / "eval.json").read_text())
     assert rep["heldout"]["per_negative_kind"]["generated"]["n"] == 2 and rep["recipe"]["generator"] == "builtin:tiny-puppet"
     assert rep["calibration"]["real_accepted"] == 0.98
