@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .actors import ActorBusy, actor_busy, error_cause, short_error, start_model_actors
-from .cluster import check_resources, client_auth_mode, generator_count, init_ray
+from .cluster import client_auth_mode, init_ray
 from .config import ConfigError, FactoryConfig
 from .fallbacks import FallbackCount, endpoint, fallback_stop, shards_count
 from .layout import Layout
@@ -29,6 +29,7 @@ from .pool import Assignment, StagePool, WorkerPool
 from .progress import BuildProgress
 from .record import prepare_output
 from .sampler import QuotaExhaustedError
+from .sizing import Sizing, check_resources, size_runtime
 from .stops import BuildStopped, fatal_os_error, storage_stop
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class BuildSummary:
     shards_seconds: float = 0.0
     generators: list[ActorBusy] = field(default_factory=list)
     detectors: list[ActorBusy] = field(default_factory=list)
+    #: The actors this run started and what each reserved (None when no shard was left to run).
+    sizing: Sizing | None = None
     #: Prompts of every committed shard that fell back to the grammar; `llm` names the endpoint
     #: (None for the grammar backend, which has no fallback).
     prompts: FallbackCount = field(default_factory=FallbackCount)
@@ -159,24 +162,25 @@ def _run_on_ray(
     """Start the model actors and the shard workers, run the pending shards, then stop every actor."""
     import ray
 
-    rt = cfg.runtime
     resources = ray.cluster_resources()
-    num_generators = generator_count(cfg, resources)
-    check_resources(cfg, num_generators, resources)
-    generators, detectors, info = start_model_actors(cfg, num_generators)
+    sizing = size_runtime(cfg, resources)
+    check_resources(cfg, sizing, resources)
+    log.info("on %g CPUs, %g GPUs: %s", resources.get("CPU", 0.0), resources.get("GPU", 0.0), sizing.describe())
+    summary.sizing = sizing
+    generators, detectors, info = start_model_actors(cfg, sizing)
     # One shard worker per shard in flight, spread over the generators' nodes. No Ray-level
     # retries: a shard whose worker or node dies comes back here as an error and is re-submitted
     # with attempt + 1, so its stats record every attempt it took.
     nodes = [n["node_id"] for n in ray.get([a.where.remote() for a in [*generators, *detectors]])]
-    max_in_flight = rt.max_shards_in_flight or 2 * num_generators
+    n_gen = sizing.generators
     pool = WorkerPool(
-        StagePool(generators, nodes[:num_generators]),
-        StagePool(detectors, nodes[num_generators:]),
-        rt.shard_worker_cpus,
-        max_in_flight,
+        StagePool(generators, nodes[:n_gen]),
+        StagePool(detectors, nodes[n_gen:]),
+        sizing.shard_worker_cpus,
+        sizing.shard_workers,
     )
-    for k in range(max_in_flight):
-        pool.add_worker(near=k % num_generators)
+    for k in range(sizing.shard_workers):
+        pool.add_worker(near=k % n_gen)
     loop = _Scheduler(cfg, layout, plan, summary, pool, ray.put(cfg.model_dump(mode="json")), info, pending, committed)
     try:
         loop.run()
