@@ -229,6 +229,7 @@ class ShardWorker:
         build_id: str,
         attempt: int,
         info: dict,
+        submitted: float | None = None,
     ) -> dict[str, Any]:
         import ray
 
@@ -252,6 +253,7 @@ class ShardWorker:
             detect=(lambda images: ray.get(detector.detect.remote(images))) if detector is not None else None,
             node={**node(), "worker_id": ray.get_runtime_context().get_actor_id()},
             on_round=on_round,
+            submitted=submitted,
         )
 
 
