@@ -46,6 +46,9 @@ def test_build_reports_busy_fraction_per_actor(tmp_path, caplog, monkeypatch):
 
     cfg = load_config(None, ["build.target=120", "build.shard_size=20", *SMALL, "runtime.progress=true"])
     monkeypatch.setattr(graph, "BuildProgress", partial(progress.BuildProgress, live_every_s=0.0))
+    # a user's OMP_NUM_THREADS reaches Ray's workers (Ray sets it only where unset), and torch would
+    # follow it: every generator computes with one thread all the same (more change MAUGen's bytes)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     with caplog.at_level(logging.INFO, logger="factory.progress"):
         summary = run_build(cfg, str(tmp_path / "out"))
     import ray
@@ -68,6 +71,8 @@ def test_build_reports_busy_fraction_per_actor(tmp_path, caplog, monkeypatch):
     assert generated >= summary.candidates >= 120
     # every valid generated image is detected once (the puppet makes no invalid ones)
     assert summary.detectors[0].images == generated
+    assert [g.threads for g in summary.generators] == [1, 1] and summary.detectors[0].threads == 1
+    assert summary.sizing is not None and summary.sizing.generators == 2
     busy_lines = [r.getMessage() for r in caplog.records if " busy " in r.getMessage()]
     assert [ln.split(" busy ")[0] for ln in busy_lines] == ["generator 0", "generator 1", "detector 0"]
 
