@@ -132,18 +132,25 @@ class GeneratorActor(_BusyMeter):
     """Owns one generator (model loaded once) and serves batches to shard tasks."""
 
     def __init__(self, cfg_dict: dict[str, Any], threads: int | None = None):
-        """`threads`: torch intra-op threads (the build passes sizing.GENERATOR_THREADS; None: torch's own)."""
-        from .generators import make_generator
+        """`threads`: torch intra-op threads of a torch generator (the build passes sizing.GENERATOR_THREADS;
+        None: torch's own). A generator that does not use torch imports neither it nor diffusers."""
+        from .generators import generator_class, make_generator
 
         super().__init__()
-        if threads is not None:
-            import torch
+        cfg = FactoryConfig.model_validate(cfg_dict)
+        self.uses_torch = generator_class(cfg).uses_torch
+        if self.uses_torch:
+            if threads is not None:
+                import torch
 
-            torch.set_num_threads(threads)
-        quiet_libraries()
-        self.generator, self.load_error = _load(lambda: make_generator(FactoryConfig.model_validate(cfg_dict)))
+                torch.set_num_threads(threads)
+            quiet_libraries()
+        self.generator, self.load_error = _load(lambda: make_generator(cfg))
 
     def threads(self) -> int:
+        """torch's intra-op threads; 1 for a generator without torch (the puppet renderer: numpy, one thread)."""
+        if not self.uses_torch:
+            return 1
         import torch
 
         return torch.get_num_threads()

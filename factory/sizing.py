@@ -7,11 +7,14 @@ The rule (`size_runtime`), a pure function of the config and the cluster's resou
   one (generator=maugen, maugen.device not cpu), else 0;
 - num_generators=auto, generators on GPUs: the whole GPUs left beside the detectors' shares, one
   generator each (as before `auto` covered CPUs);
-- num_generators=auto, generators on CPUs with generator_cpus=auto: one generator per core. The
-  generator is the costly stage (MAUGen on a CPU: 99.9 % busy, the rest of the graph a few per
-  cent), so the cores go to generators; the detector and the shard workers run in the gaps;
+- num_generators=auto, generators on CPUs with generator_cpus=auto: one generator per core when
+  generating is the costly stage (`fills_cores`: MAUGen, busy 95 % of a one-generator build while
+  its shards spent 98 % of their time in generate), so the cores go to generators and the detector
+  and the shard workers run in the gaps; one generator for a generator that costs less than its
+  detection (the puppet renderer: busy 1 %; more of them would only be more processes);
 - generator_cpus=auto: 1 CPU beside a GPU; on CPUs, an even share of what the detectors and the
-  shard workers leave, so that every actor fits and the generators together reserve the rest.
+  shard workers leave, so that every actor fits and the generators together reserve the rest (at
+  most 1 CPU for a generator that does not fill cores: it computes on one thread).
 
 A number in the config always wins. Every generator runs ONE torch intra-op thread, whatever CPU
 share it reserves (GENERATOR_THREADS): a core more goes to one generator more, never to a thread
@@ -32,6 +35,7 @@ import math
 from dataclasses import dataclass
 
 from .config import AUTO, ConfigError, FactoryConfig
+from .generators import generator_class
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +127,8 @@ def generator_count(cfg: FactoryConfig, resources: dict[str, float]) -> int:
     elif rt.generator_cpus != AUTO:
         kind, left, per = "CPU", cpus - det_cpus, rt.generator_cpus + WORKERS_PER_GENERATOR * rt.shard_worker_cpus
         fix = "runtime.generator_cpus"
-    else:  # one generator per core, each with a share of what the others leave
-        n = int(cpus + _EPS)
+    else:  # one generator per core (a costly one), each with a share of what the others leave
+        n = int(cpus + _EPS) if generator_class(cfg).fills_cores else 1
         while n > 1 and _cpu_share(cfg, n, cpus) < MIN_GENERATOR_CPUS:
             n -= 1
         if n >= 1 and _cpu_share(cfg, n, cpus) >= MIN_GENERATOR_CPUS:
@@ -155,6 +159,8 @@ def size_runtime(cfg: FactoryConfig, resources: dict[str, float]) -> Sizing:
         cpus = 1.0
     else:
         cpus = _cpu_share(cfg, n, resources.get("CPU", 0.0))
+        if not generator_class(cfg).fills_cores:
+            cpus = min(cpus, 1.0)
         if cpus < MIN_GENERATOR_CPUS:  # only with a number for num_generators or max_shards_in_flight
             raise ConfigError(
                 f"config error: runtime: {n} generators, the detectors and {shard_workers(cfg, n)} shard workers do "

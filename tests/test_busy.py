@@ -46,9 +46,6 @@ def test_build_reports_busy_fraction_per_actor(tmp_path, caplog, monkeypatch):
 
     cfg = load_config(None, ["build.target=120", "build.shard_size=20", *SMALL, "runtime.progress=true"])
     monkeypatch.setattr(graph, "BuildProgress", partial(progress.BuildProgress, live_every_s=0.0))
-    # a user's OMP_NUM_THREADS reaches Ray's workers (Ray sets it only where unset), and torch would
-    # follow it: every generator computes with one thread all the same (more change MAUGen's bytes)
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     with caplog.at_level(logging.INFO, logger="factory.progress"):
         summary = run_build(cfg, str(tmp_path / "out"))
     import ray

@@ -5,7 +5,11 @@ against a digest made with one generator)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+from conftest import ROOT
 
 from factory.config import ConfigError, load_config
 from factory.sizing import Sizing, check_resources, size_runtime
@@ -48,9 +52,17 @@ def test_gpus_give_each_generator_a_whole_gpu_and_a_cpu():
     s = sized(cluster, "runtime.num_detectors=4", "runtime.detector_gpus=0.25")
     assert (s.generators, s.generator_gpus, s.detectors) == (15, 1.0, 4)  # 16 - 4 x 0.25, whole GPUs
     # a generator that does not compute on a GPU reserves none, and fills the cores instead
-    for other in ("generator=puppet", "maugen.device=cpu"):
-        s = sized({"CPU": 16.0, "GPU": 1.0}, other)
-        assert (s.generators, s.generator_gpus) == (16, 0.0), other
+    s = sized({"CPU": 16.0, "GPU": 1.0}, "maugen.device=cpu")
+    assert (s.generators, s.generator_gpus) == (16, 0.0)
+
+
+def test_a_generator_cheaper_than_its_detection_gets_one_actor_of_at_most_a_cpu():
+    """The puppet renderer is busy about 1 % of a build (detection is the costly stage): more of it
+    would only be more processes to start."""
+    for cpus, share in ((2.0, 1.0), (16.0, 1.0), (1.5, 0.5)):
+        s = sized({"CPU": cpus, "GPU": 1.0}, "generator=puppet")
+        assert (s.generators, s.generator_cpus, s.generator_gpus, s.shard_workers) == (1, share, 0.0, 2), cpus
+    assert sized({"CPU": 16.0}, "generator=puppet", "runtime.num_generators=4").generators == 4  # a number wins
 
 
 def test_a_number_wins_over_auto_and_what_does_not_fit_is_one_line():
@@ -84,7 +96,7 @@ def test_sizing_is_not_part_of_the_build_identity():
 
 def test_a_generator_actor_computes_with_the_torch_threads_it_is_given():
     """The build hands every generator actor sizing.GENERATOR_THREADS (1): more would change MAUGen's
-    bytes (factory/sizing.py). tests/test_busy.py checks it in a build where Ray would give more."""
+    bytes (factory/sizing.py). tests/test_maugen_default.py checks it in a build where Ray would give more."""
     import torch
 
     from factory.actors import GeneratorActor
@@ -92,8 +104,20 @@ def test_a_generator_actor_computes_with_the_torch_threads_it_is_given():
 
     assert GENERATOR_THREADS == 1
     before = torch.get_num_threads()
+    n = 2 if before == 1 else 1  # other than this process had
     try:
-        for n in (1, 2):
-            assert GeneratorActor(load_config(None, ["generator=puppet"]).model_dump(mode="json"), threads=n).threads() == n
+        assert GeneratorActor(load_config(None, []).model_dump(mode="json"), threads=n).threads() == n
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_puppet_generator_actor_imports_neither_torch_nor_diffusers():
+    """It renders in numpy: an actor that imported torch and diffusers would start seconds slower."""
+    code = (
+        "import sys; from factory.actors import GeneratorActor; from factory.config import load_config; "
+        "a = GeneratorActor(load_config(None, ['generator=puppet']).model_dump(mode='json'), threads=1); "
+        "assert a.generator is not None and a.threads() == 1; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
