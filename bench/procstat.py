@@ -67,11 +67,13 @@ def cpu_by_name(root: int, names: tuple[str, ...]) -> dict[str, float]:
     return out
 
 
-def runnable_threads(pids: list[int], exclude: int | None = None) -> int:
-    """Threads of the processes that are running or waiting for a CPU now, but thread id `exclude`
-    (the sampler itself, running while it reads)."""
-    n = 0
+def thread_states(pids: list[int], exclude: int | None = None) -> tuple[int, int]:
+    """(threads running or waiting for a CPU, processes stopped by a signal) of the processes now,
+    leaving out thread id `exclude` (the sampler itself, running while it reads)."""
+    runnable = stopped = 0
     for pid in pids:
+        f = _stat_fields(Path(f"/proc/{pid}/stat"))
+        stopped += f is not None and f[0] in ("T", "t")
         try:
             tasks = list(Path(f"/proc/{pid}/task").iterdir())
         except OSError:
@@ -80,8 +82,8 @@ def runnable_threads(pids: list[int], exclude: int | None = None) -> int:
             if t.name == str(exclude):
                 continue
             f = _stat_fields(t / "stat")
-            n += f is not None and f[0] == "R"
-    return n
+            runnable += f is not None and f[0] == "R"
+    return runnable, stopped
 
 
 def loadavg_1min() -> float:
@@ -109,6 +111,7 @@ class Sample:
     runnable: int
     loadavg: float
     machine_s: float
+    stopped: int  # processes of the tree stopped by a signal (SIGSTOP from outside: the run is not comparable)
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Window:
     run_queue: float  # mean runnable threads of the tree (its own load average, arithmetic)
     loadavg_end: float  # /proc/loadavg (1 min, whole machine) at the window's end
     loadavg_max: float
+    stopped_s: float  # seconds in which some process of the tree was stopped by a signal
 
     def describe(self) -> str:
         return (
@@ -128,6 +132,7 @@ class Window:
             f"(running + runnable threads) averaged {self.run_queue:.2f}; other processes (SCHED_IDLE aside) kept "
             f"{self.others_busy:.2f} cores busy; machine load average (1 min, all processes) {self.loadavg_end:.2f} at the end, "
             f"{self.loadavg_max:.2f} at most"
+            + (f"; STOPPED by a signal for about {self.stopped_s:.0f} s: not comparable" if self.stopped_s else "")
         )
 
 
@@ -144,8 +149,9 @@ class TreeSampler(threading.Thread):
         me = threading.get_native_id()
         while not self._stop_event.is_set():
             pids = tree(self.root)
+            runnable, stopped = thread_states(pids, me)
             self.samples.append(
-                Sample(time.time(), cpu_seconds(pids), runnable_threads(pids, me), loadavg_1min(), machine_busy_seconds())
+                Sample(time.time(), cpu_seconds(pids), runnable, loadavg_1min(), machine_busy_seconds(), stopped)
             )
             self._stop_event.wait(self.every_s)
 
@@ -166,4 +172,6 @@ class TreeSampler(threading.Thread):
             run_queue=sum(s.runnable for s in inside) / len(inside),
             loadavg_end=b.loadavg,
             loadavg_max=max(s.loadavg for s in inside),
+            # a process of the tree seen stopped, or a gap of over 10 s in the samples (this one stopped too)
+            stopped_s=sum(b.t - a.t for a, b in zip(inside, inside[1:]) if a.stopped or b.stopped or b.t - a.t > 10.0),
         )
