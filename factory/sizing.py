@@ -175,13 +175,11 @@ def size_runtime(cfg: FactoryConfig, resources: dict[str, float]) -> Sizing:
             n,
             cfg.maugen.device,
         )
-    det_cpus, det_gpus = detectors_ask(cfg)
-    detectors = rt.num_detectors if cfg.detect.enabled else 0
     return Sizing(
         generators=n,
         generator_cpus=cpus,
         generator_gpus=gpus,
-        detectors=detectors,
+        detectors=rt.num_detectors if cfg.detect.enabled else 0,
         detector_cpus=rt.detector_cpus,
         detector_gpus=rt.detector_gpus,
         shard_workers=shard_workers(cfg, n),
