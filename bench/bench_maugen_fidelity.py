@@ -135,16 +135,18 @@ def fidelity(
     fit_prompts: bool = True,
     evaluator: str = EVALUATOR,
     identity_evaluator: str = IDENTITY_EVALUATOR,
+    realism: str | None = None,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Sample `n` candidates drawn by `sampling` (SAMPLINGS) and judge them; (numbers, images, each image's
-    worst garble residual, factory/garble.py)."""
+    worst garble residual, factory/garble.py). `realism`: the build filter's realism model instead of
+    detect.realism's default."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     pipe = MAUGenPipeline.from_pretrained(checkpoint)
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, scheduler)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    cfg = FactoryConfig()  # the build's default plan, checks and thresholds
+    cfg = _config(realism)  # the build's default plan, checks and thresholds
     # every judge is loaded before sampling, so a missing model fails at once
     panel = DetectorPanel(list(cfg.detect.au_detectors), cfg.detect.min_agree, realism=cfg.detect.realism)
     judge = DetectorPanel([evaluator], 1, realism=None)
@@ -274,6 +276,10 @@ def judges(cfg: FactoryConfig, evaluator: str, identity_evaluator: str) -> dict[
     }
 
 
+def _config(realism: str | None) -> FactoryConfig:
+    return FactoryConfig() if realism is None else FactoryConfig.model_validate({"detect": {"realism": realism}})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="saved MAUGenPipeline directory")
@@ -289,17 +295,18 @@ def main() -> None:
         "--guidance-interval", type=float, nargs=2, default=_SAMPLING.guidance_interval, metavar=("LO", "HI")
     )
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--realism", help="the build filter's realism model (default: detect.realism's)")
     ap.add_argument("--grid", help="save the first 32 images to this PNG")
     ap.add_argument("--garble-grid", help="save 32 images spread over the garble residual order (mildest first), 3x")
     ap.add_argument("--json", help="write the numbers, the command line and the checkpoint to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = FactoryConfig()
+    cfg = _config(args.realism)
     interval = (args.guidance_interval[0], args.guidance_interval[1])
     r, images, residual = fidelity(
         args.checkpoint, args.n, args.steps, args.scheduler, args.guidance, interval,
-        args.sampling, not args.no_budget, args.evaluator, args.identity_evaluator,
+        args.sampling, not args.no_budget, args.evaluator, args.identity_evaluator, args.realism,
     )
     d = cfg.detect
     print(

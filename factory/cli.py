@@ -137,7 +137,9 @@ def _dry_run(cfg: FactoryConfig) -> dict:
         from pipelines.maugen.memory import generator_memory
 
         try:
-            out["generator_actor"] = generator_memory(cfg.maugen.checkpoint, cfg.maugen.dtype)
+            out["generator_actor"] = generator_memory(
+                cfg.maugen.checkpoint, cfg.maugen.dtype, cfg.maugen.batch_size, cfg.maugen.guidance_scale > 1.0
+            )
         except FileNotFoundError as err:  # the checkpoint may live only on the cluster's nodes
             out["generator_actor"] = {"checkpoint": cfg.maugen.checkpoint, "unavailable": str(err)}
     from .leakage import plan_leakage
@@ -424,6 +426,9 @@ def detectors_train(
     ] = None,
     generated_samples: Annotated[Optional[int], typer.Option(help="realism-gen: raw outputs to sample for training")] = None,
     threads: Annotated[int, typer.Option(help="torch threads while sampling the generator (0: torch's default)")] = 0,
+    generated_cache: Annotated[
+        str, typer.Option(help="realism-gen: where sampled batches are kept, so an interrupted run resumes its sampling")
+    ] = "runs/generated-cache",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train on puppet renders, export to ONNX, write the spec and held-out eval.json."""
@@ -456,11 +461,15 @@ def detectors_train(
             from factory.generated import generated_faces
 
             try:
+                cache = f"{generated_cache}/{n}"  # kept per batch: an interrupted run resumes its sampling
                 generated = (
-                    generated_faces(recipe.generator, recipe.generated_samples, recipe.train_people, "train", recipe.seed, threads),
+                    generated_faces(
+                        recipe.generator, recipe.generated_samples, recipe.train_people, "train", recipe.seed, threads,
+                        cache=cache,
+                    ),
                     generated_faces(
                         recipe.generator, max(1, recipe.generated_samples // 4), recipe.heldout_people, "heldout", recipe.seed,
-                        threads,
+                        threads, cache=cache,
                     ),
                 )  # fmt: skip
             except (ValueError, FileNotFoundError) as e:

@@ -10,6 +10,7 @@ eval), drawn with their own seed; prompts are the training-prompt writer's, with
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -25,9 +26,19 @@ GENERATED_SEED = 300
 
 
 def generated_faces(
-    checkpoint: str, n: int, num_people: int, split: Split, seed: int, threads: int = 0, batch: int = 16
+    checkpoint: str,
+    n: int,
+    num_people: int,
+    split: Split,
+    seed: int,
+    threads: int = 0,
+    batch: int = 16,
+    cache: str | Path | None = None,
 ) -> np.ndarray:
-    """uint8 (n, S, S, 3): `checkpoint`'s raw outputs for `n` random targets of `num_people` identities."""
+    """uint8 (n, S, S, 3): `checkpoint`'s raw outputs for `n` random targets of `num_people` identities.
+
+    With `cache`, each batch is kept there as it is made (under a name of the checkpoint's hash and the
+    draw), so an interrupted run resumes where it stopped: sampling 2,000 faces takes CPU-hours."""
     import torch
 
     from pipelines.maugen.data.prompting import describe
@@ -44,9 +55,17 @@ def generated_faces(
     targets = au_targets(n, rng)
     seeds = rng.integers(0, 2**62, n)
     renderer = PuppetRenderer(size=gen.image_size)
+    folder = None
+    if cache is not None:
+        folder = Path(cache) / f"{gen.version}-{split}-{seed + GENERATED_SEED}-{num_people}-{n}-{batch}"
+        folder.mkdir(parents=True, exist_ok=True)
     out = []
     for a in range(0, n, batch):
         sl = slice(a, min(n, a + batch))
+        done = None if folder is None else folder / f"{a:07d}.npy"
+        if done is not None and done.is_file():
+            out.append(np.load(done))
+            continue
         persons = [people[i] for i in who[sl]]
         ex, masks = renderer.exemplars(persons)
         result = gen.generate(
@@ -62,6 +81,10 @@ def generated_faces(
         )
         finite = np.isfinite(result.intensity).all(1)  # a NaN sample comes back marked; it is no face to learn
         out.append(result.images[finite])
+        if done is not None:
+            tmp = done.with_suffix(".tmp.npy")
+            np.save(tmp, out[-1])
+            tmp.replace(done)  # whole or absent
         if (a // batch) % 10 == 0:
             log.info("generated %d/%d raw outputs of %s (%s identities)", sl.stop, n, checkpoint, split)
     images = np.concatenate(out)

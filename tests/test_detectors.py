@@ -385,3 +385,30 @@ def test_realism_trained_against_generated_faces_is_calibrated_on_clean_renders(
     assert held["per_negative_kind"]["generated"]["n"] == 16 and set(data.FAILURE_KINDS) <= set(held["per_negative_kind"])
     assert rep["calibration"]["real_accepted"] == 0.9 and 0.8 <= held["real_accepted"] <= 0.97, held
     assert load_spec(tmp_path / "rg" / "spec.yaml").spec.name == "puppet-realism-gen"
+
+
+@pytest.mark.slow  # ~30 s: samples the shipped MAUGen; the default suite covers train_realism with stand-ins
+def test_realism_gen_command_samples_the_generator_as_a_build_does(tmp_path):
+    """`factory detectors train realism-gen` draws the shipped MAUGen's raw outputs through the build's
+    generate stage and trains on them; a generator that does not exist is one line naming it."""
+    from conftest import factory
+
+    small = ["--epochs", "1", "--train-samples", "128", "--train-people", "8", "--heldout-samples", "64"]
+    cache = tmp_path / "cache"
+    small += ["--generated-cache", str(cache)]
+    p = factory("detectors", "train", "realism-gen", "--out", str(tmp_path), *small, "--generated-samples", "8")
+    assert p.returncode == 0, p.stderr[-3000:]
+    kept = sorted(cache.rglob("*.npy"))
+    assert len(kept) == 2 and not list(cache.rglob("*.tmp.npy"))  # one batch per split, each whole
+    before = (tmp_path / "realism-gen" / "model.onnx").read_bytes()
+    p = factory("detectors", "train", "realism-gen", "--out", str(tmp_path), *small, "--generated-samples", "8")
+    assert p.returncode == 0 and "generated 8/8" not in p.stderr  # served from the cache, nothing sampled
+    assert (tmp_path / "realism-gen" / "model.onnx").read_bytes() == before
+    rep = yaml.safe_load((tmp_path / "realism-gen" / "eval.json").read_text())
+    assert rep["heldout"]["per_negative_kind"]["generated"]["n"] == 2 and rep["recipe"]["generator"] == "builtin:tiny-puppet"
+    assert rep["calibration"]["real_accepted"] == 0.98
+    p = factory("detectors", "train", "realism-gen", "--out", str(tmp_path), *small, "--generator", str(tmp_path / "nope"))
+    assert p.returncode == 2 and str(tmp_path / "nope") in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = factory("detectors", "train", "au-cnn", "--out", str(tmp_path), "--generated-samples", "8")
+    assert p.returncode == 2 and "realism-gen" in p.stderr
