@@ -109,6 +109,7 @@ def _build(cfg: FactoryConfig, out: str, new_build: bool, plan: Plan) -> BuildSu
 
     leakage = plan_leakage(cfg)
     layout, record = prepare_output(cfg, out, new_build=new_build, leakage=leakage)
+    leakage = leakage.for_record(record)  # unmeasured for a build begun before the check, as prepare_output hashed it
     build_id = record["build_id"]
     state = scan(layout, build_id)
     clean_uncommitted(layout, state.committed)

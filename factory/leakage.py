@@ -47,6 +47,10 @@ DEFAULT_ENCODER: str = DetectConfig().identity_encoder
 FIELDS: tuple[str, ...] = ("embeddings", "subject_ids", "identity_encoder", "identity_encoder_sha256", "info")
 
 
+#: Why a resumed build does not measure: it was begun before the check existed.
+PREDATES = "this build was begun before the identity-leakage check existed; a resume keeps it unmeasured"
+
+
 class LeakageError(ConfigError):
     """A training-subjects file that cannot be used as it is; the message names the file and the fix."""
 
@@ -252,6 +256,14 @@ class LeakagePlan:
     def model_hashes(self, checkpoint: str) -> dict[str, str]:
         """build.json's `models` entry: a resume against another file is refused, like other model files."""
         return {f"training_subjects:{checkpoint}": self.file_sha256} if self.measured and self.file_sha256 else {}
+
+    def for_record(self, record: dict[str, Any] | None) -> LeakagePlan:
+        """The plan a build runs with, given its build.json (None: a new build): this one, but unmeasured for
+        a build begun before the check existed (no `training_similarity` entry), so that it resumes as it
+        began (its model hashes and its shards' scores unchanged)."""
+        if record is None or "training_similarity" in record or not self.measured:
+            return self
+        return LeakagePlan(False, PREDATES, self.encoder, self.threshold, self.check)
 
 
 def plan_leakage(cfg: FactoryConfig) -> LeakagePlan:

@@ -74,10 +74,11 @@ def prepare_output(
     models = model_hashes(cfg)  # a missing model file fails here, before OUT is touched
     if leakage is None:
         leakage = plan_leakage(cfg)  # so does a check that cannot be applied
-    models |= leakage.model_hashes(cfg.maugen.checkpoint)
     layout.makedirs()
     build_id = cfg.identity_hash()
     old = _existing_record(layout, new_build)
+    leakage = leakage.for_record(None if new_build else old)  # a build from before the check resumes unmeasured
+    models |= leakage.model_hashes(cfg.maugen.checkpoint)
     if old is not None:
         old_identity = old["identity"]
         same_config = old.get("build_id") == build_id and old_identity == cfg.identity_dict()

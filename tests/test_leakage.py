@@ -16,16 +16,25 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from detectors.identity import OnnxIdentityEncoder, max_similarity
 from detectors.builtin import resolve
+from detectors.identity import OnnxIdentityEncoder, max_similarity
 from detectors.panel import DetectorPanel
 from detectors.spec import file_sha256
 from factory.candidate import Candidate, SampleDetection
 from factory.checks import REASONS, run_checks
 from factory.cli import app
 from factory.config import load_config
-from factory.leakage import FIELDS, LeakageError, TrainingSubjects, embed_subjects, plan_leakage, read_embeddings
+from factory.leakage import (
+    FIELDS,
+    PREDATES,
+    LeakageError,
+    TrainingSubjects,
+    embed_subjects,
+    plan_leakage,
+    read_embeddings,
+)
 from factory.plan import Plan
+from factory.record import prepare_output
 from factory.report import leakage_line
 from factory.report_data import SampleAggregates, leakage_summary
 from factory.sample_meta import accepted_sample
@@ -174,7 +183,7 @@ def test_missing_or_foreign_subjects_file_is_one_line_with_the_check_and_a_reaso
     assert res.exit_code == 2 and "rebuild it with `factory subjects" in _one_line(res)
 
 
-def test_a_check_that_cannot_apply_is_a_config_error_and_otherwise_a_recorded_reason():
+def test_a_check_that_cannot_apply_is_a_config_error_and_otherwise_a_recorded_reason(tmp_path):
     p = plan_leakage(load_config(None, ["generator=puppet"]))
     assert not p.measured and p.why == "generator=puppet is no trained model, so it has no training subjects"
     assert p.record()["measured"] is False and p.model_hashes("x") == {} and p.actor_args() is None
@@ -193,3 +202,16 @@ def test_a_check_that_cannot_apply_is_a_config_error_and_otherwise_a_recorded_re
         embed_subjects([("a", np.zeros((64, 64, 3), np.uint8))] * 2)
     with pytest.raises(LeakageError, match="not a training-subjects file"):
         TrainingSubjects.load(Path(SHIPPED / "model_index.json"), "fix")
+
+    # a default build begun before the check (build.json without its entry) resumes as it began: unmeasured,
+    # its models without the file; --new-build starts it over measured
+    cfg, out = load_config(None, []), str(tmp_path / "old")
+    planned = plan_leakage(cfg)
+    layout, rec = prepare_output(cfg, out, leakage=planned)
+    assert rec["training_similarity"]["measured"] and "training_subjects:builtin:tiny-puppet" in rec["models"]
+    del rec["training_similarity"], rec["models"]["training_subjects:builtin:tiny-puppet"]
+    layout.write_json_atomic(layout.build_json, rec)
+    _, again = prepare_output(cfg, out, leakage=planned)
+    assert again == rec and planned.for_record(again).actor_args() is None
+    assert planned.for_record(again).why == PREDATES and planned.for_record(None) is planned
+    assert prepare_output(cfg, out, new_build=True)[1]["training_similarity"]["measured"]
