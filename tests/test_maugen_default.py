@@ -201,18 +201,18 @@ def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path, monkeypa
         for meta in (json.loads(v) for k, v in _members(tar).items() if k.endswith(".json")):
             assert meta["scores"]["training_similarity"] == pytest.approx(sims[meta["key"]], abs=1e-6)
     assert all(s["rejected"]["training_similarity"] == 0 for s in stats)
-    html = tmp_path / "report.html"
-    rep = json.loads(factory("report", str(out), "--json", "--html", str(html), check=True).stdout)
+    from factory.report import build_report, print_report, report_json
+    from factory.report_html import render_html
+
+    rep = json.loads(report_json(build_report(str(out))))  # in this process: `factory report` runs in test_build.py
     got, values = rep["training_similarity"], np.array(sorted(sims.values()))
     assert got["measured"] and got["samples"] == 8 and got["max"] == pytest.approx(values.max(), abs=1e-4)
     assert got["threshold"] == 0.7496 and got["above_threshold"] == int((values > 0.7496).sum())
     for q in (50, 90, 99):  # to the report's 0.001 bins, from above
         exact = np.quantile(values, q / 100, method="inverted_cdf")
         assert -1e-6 <= got["quantiles"][f"p{q}"] - exact <= 0.001 + 1e-6, (q, got["quantiles"], values)
-    page = html.read_text()
+    page = render_html(rep)
     assert 'id="leakage"' in page and "training similarity histogram" in page and "above 0.7496" in page
-    from factory.report import print_report
-
     print_report(rep)
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("training similarity"))
     assert "max cosine to the 400 MAUGen training subjects" in line and f"max {values.max():.3f}" in line
