@@ -141,12 +141,14 @@ def fidelity(
     fit_prompts: bool = True,
     evaluator: str = EVALUATOR,
     identity_evaluator: str = IDENTITY_EVALUATOR,
+    realism: str | None = None,
     speed: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Sample `n` candidates drawn by `sampling` (SAMPLINGS) and judge them; (numbers, images, each image's
-    worst garble residual, factory/garble.py). `speed`: the generator's throughput switches as the `maugen`
-    config section names them (dtype, attention, channels_last, compile, cache, cache_skip), applied as the
-    generator actor applies them, so their cost in label fidelity is measured."""
+    worst garble residual, factory/garble.py). `realism`: the build filter's realism model instead of
+    detect.realism's default. `speed`: the generator's throughput switches as the `maugen` config section
+    names them (dtype, attention, channels_last, compile, cache, cache_skip), applied as the generator
+    actor applies them, so their cost in label fidelity is measured."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     speed = dict(speed or {})
@@ -156,7 +158,7 @@ def fidelity(
     set_scheduler(pipe, scheduler)
     apply_speedups(pipe, **speed)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    cfg = FactoryConfig()  # the build's default plan, checks and thresholds
+    cfg = _config(realism)  # the build's default plan, checks and thresholds
     # every judge is loaded before sampling, so a missing model fails at once
     panel = DetectorPanel(list(cfg.detect.au_detectors), cfg.detect.min_agree, realism=cfg.detect.realism)
     judge = DetectorPanel([evaluator], 1, realism=None)
@@ -286,6 +288,10 @@ def judges(cfg: FactoryConfig, evaluator: str, identity_evaluator: str) -> dict[
     }
 
 
+def _config(realism: str | None) -> FactoryConfig:
+    return FactoryConfig() if realism is None else FactoryConfig.model_validate({"detect": {"realism": realism}})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", required=True, help="saved MAUGenPipeline directory")
@@ -301,6 +307,7 @@ def main() -> None:
         "--guidance-interval", type=float, nargs=2, default=_SAMPLING.guidance_interval, metavar=("LO", "HI")
     )
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--realism", help="the build filter's realism model (default: detect.realism's)")
     # the generator's throughput switches (the `maugen` config section; pipelines/maugen/speed.py)
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=_SAMPLING.dtype)
     ap.add_argument("--attention", choices=sorted(ATTENTION), default=_SAMPLING.attention)
@@ -314,7 +321,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = FactoryConfig()
+    cfg = _config(args.realism)
     interval = (args.guidance_interval[0], args.guidance_interval[1])
     speed = {
         "dtype": args.dtype, "attention": args.attention, "channels_last": args.channels_last,
@@ -322,7 +329,7 @@ def main() -> None:
     }
     r, images, residual = fidelity(
         args.checkpoint, args.n, args.steps, args.scheduler, args.guidance, interval,
-        args.sampling, not args.no_budget, args.evaluator, args.identity_evaluator, speed,
+        args.sampling, not args.no_budget, args.evaluator, args.identity_evaluator, args.realism, speed,
     )
     d = cfg.detect
     print(

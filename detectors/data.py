@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.puppet import PuppetIdentity
+from pipelines.puppet import PuppetIdentity, PuppetRenderer
 from pipelines.puppet.data import SPLIT_STREAM, Split, au_targets, identities, render
 
 log = logging.getLogger(__name__)
@@ -123,19 +123,111 @@ def degrade(img: np.ndarray, other: np.ndarray, kind: str, rng: np.random.Genera
 
 
 def realism_set(
-    n: int, num_people: int, split: Split, seed: int = 0, size: int = 64, workers: int = 2
+    n: int,
+    num_people: int,
+    split: Split,
+    seed: int = 0,
+    size: int = 64,
+    workers: int = 2,
+    failures: bool = False,
+    fakes: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images, label 1 real / 0 negative, kind index or -1): half clean renders, half negatives."""
+    """(images, label 1 real / 0 negative, kind index into ALL_KINDS or -1): half clean renders, half negatives.
+
+    `failures`: half of the negatives are corrupted the way a generator fails (FAILURE_KINDS, inside the face's
+    feature regions) instead of globally. `fakes`: a generator's raw outputs, added as negatives of kind
+    "generated" (the paper's discriminator: real against generated).
+    """
     base = au_set(n, num_people, split, seed + 100, size=size, workers=workers)
     rng = np.random.default_rng([SPLIT_STREAM[split], seed, 2])
     labels = np.ones(n, dtype=np.int64)
     kinds = np.full(n, -1, dtype=np.int64)
     images = base.images.copy()
     neg = rng.permutation(n)[: n // 2]
-    for i in neg:
-        k = int(rng.integers(len(NEGATIVE_KINDS)))
-        other = base.images[int(rng.integers(n))]
-        images[i] = degrade(base.images[i], other, NEGATIVE_KINDS[k], rng)
+    renderer = PuppetRenderer(size=size) if failures else None
+    for i in neg:  # draws in the order the committed `realism` was trained with (failures off)
+        if renderer is not None and rng.random() < 0.5:
+            k = int(rng.integers(len(FAILURE_KINDS)))
+            other = base.images[int(rng.integers(n))]
+            person = base.people[int(base.identity[i])]
+            images[i] = degrade_region(base.images[i], other, feature_regions(renderer, person), FAILURE_KINDS[k], rng)
+            kinds[i] = len(NEGATIVE_KINDS) + k
+        else:
+            k = int(rng.integers(len(NEGATIVE_KINDS)))
+            other = base.images[int(rng.integers(n))]
+            images[i] = degrade(base.images[i], other, NEGATIVE_KINDS[k], rng)
+            kinds[i] = k
         labels[i] = 0
-        kinds[i] = k
+    if fakes is not None and len(fakes):
+        if fakes.shape[1:] != images.shape[1:]:
+            raise ValueError(f"generated faces are {fakes.shape[1:]}, the renders {images.shape[1:]}: make them at {size} px")
+        images = np.concatenate([images, fakes])
+        labels = np.concatenate([labels, np.zeros(len(fakes), dtype=np.int64)])
+        kinds = np.concatenate([kinds, np.full(len(fakes), ALL_KINDS.index("generated"), dtype=np.int64)])
     return images, labels, kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Negatives shaped like a generator's failures: one feature region scrambled, smeared or misplaced,
+# the rest of the face intact (what the MAUGen grids show; factory/garble.py measures it independently).
+
+FAILURE_KINDS: tuple[str, ...] = (
+    "region_scramble",  # a feature region's pixels cut into small tiles and shuffled (torn eyes, broken mouths)
+    "region_smear",  # a feature region blurred and its colours smudged (a smeared mouth, melted eyes)
+    "region_swap",  # a feature region from another face, shifted a few pixels (features out of place)
+)
+#: Every negative kind's name, by the index realism_set records (`generated`: a generator's raw output).
+ALL_KINDS: tuple[str, ...] = NEGATIVE_KINDS + FAILURE_KINDS + ("generated",)
+#: The feature regions a failure hits, by the AUs whose zones make them (the renderer's region masks).
+FEATURE_REGIONS: dict[str, tuple[int, ...]] = {"brows": (1, 2, 4), "eyes": (5, 6), "nose": (9,), "mouth": (12, 15, 20, 25, 26)}
+
+
+def feature_regions(renderer: PuppetRenderer, person: PuppetIdentity) -> list[np.ndarray]:
+    """Bool (H, W) masks of a person's brows, eyes, nose and mouth zones (FEATURE_REGIONS)."""
+    out = []
+    for aus in FEATURE_REGIONS.values():
+        m = renderer.region_mask(person, aus[0])
+        for au in aus[1:]:
+            m |= renderer.region_mask(person, au)
+        out.append(m)
+    return out
+
+
+def degrade_region(
+    img: np.ndarray, other: np.ndarray, regions: list[np.ndarray], kind: str, rng: np.random.Generator
+) -> np.ndarray:
+    """A negative of FAILURE_KINDS `kind`: one or two of `regions` of the real render `img` broken."""
+    from PIL import Image, ImageFilter
+
+    h, w, _ = img.shape
+    out = img.astype(np.float32)
+    hit = rng.choice(len(regions), size=1 + int(rng.random() < 0.35), replace=False)
+    for r in hit:
+        m = regions[int(r)]
+        if not m.any():
+            continue
+        ys, xs = np.nonzero(m)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        if kind == "region_scramble":  # tiles moved within the region's own box
+            t = int(rng.choice([2, 3, 4]))
+            src = out.copy()
+            for y in range(y0, y1, t):
+                for x in range(x0, x1, t):
+                    dy, dx = rng.integers(-t, t + 1, 2)
+                    hh, ww = min(t, y1 - y), min(t, x1 - x)
+                    sy, sx = int(np.clip(y + dy, y0, y1 - hh)), int(np.clip(x + dx, x0, x1 - ww))
+                    out[y : y + hh, x : x + ww] = src[sy : sy + hh, sx : sx + ww]
+            out = np.where(m[..., None], out, img)
+        elif kind == "region_smear":
+            blurred = np.asarray(
+                Image.fromarray(img).filter(ImageFilter.GaussianBlur(1.0 + 1.5 * rng.random())), dtype=np.float32
+            )
+            out = np.where(m[..., None], blurred + rng.normal(0, 8, 3), out)
+        elif kind == "region_swap":  # another face's features, its skin tone matched, a few pixels off
+            dy, dx = rng.integers(-3, 4, 2)
+            moved = np.roll(other.astype(np.float32), (int(dy), int(dx)), axis=(0, 1))
+            moved += img[m].astype(np.float32).mean(0) - moved[m].mean(0)
+            out = np.where(m[..., None], moved, out)
+        else:
+            raise ValueError(f"unknown failure kind {kind!r}; allowed: {', '.join(FAILURE_KINDS)}")
+    return np.clip(out, 0, 255).round().astype(np.uint8)

@@ -4,6 +4,8 @@
 
     au-cnn, au-resnet, au-vit   AU detectors (occurrence logits + intensity), three architectures
     realism                      realism discriminator (renders vs degraded / off-domain / broken)
+    realism-gen                  the paper's realism discriminator: renders vs a MAUGen's raw outputs and
+                                 corruptions shaped like its failures, calibrated on clean renders
     identity                     identity encoder (ArcFace margin loss over training identities)
     eval-au, eval-identity       the evaluation panel: a GroupNorm-CNN AU evaluator and a ResNet identity
                                  evaluator, trained on the `evaluator` split's own identities and seed;
@@ -63,6 +65,23 @@ class TrainRecipe(BaseModel):
         "train", description="identity stream of the training renders; `evaluator` is the panel's own"
     )
     workers: int = Field(2, ge=1, description="processes that render the puppet data")
+    # realism only
+    failures: bool = Field(
+        False, description="realism: half the negatives broken the way a generator fails (detectors/data.py)"
+    )
+    generator: str | None = Field(
+        None,
+        description="realism: a MAUGen checkpoint whose raw outputs are negatives too (the paper's real against "
+        "generated); `factory detectors train` samples them as a build does",
+    )
+    generated_samples: int = Field(2000, ge=0, description="realism: raw generator outputs to train on")
+    real_accepted: float | None = Field(
+        None,
+        gt=0.5,
+        lt=1.0,
+        description="realism: calibrate so that this share of clean renders (a calibration set of unseen "
+        "identities) scores >= 0.5, folded into the exported model; None keeps the trained logit",
+    )
 
 
 DEFAULT_RECIPE = TrainRecipe()
@@ -243,13 +262,32 @@ def evaluate_au(spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> 
 # Realism discriminator
 
 
-def train_realism(out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> dict[str, Any]:
+def train_realism(
+    out: str | Path,
+    recipe: TrainRecipe = DEFAULT_RECIPE,
+    generated: tuple[np.ndarray, np.ndarray] | None = None,
+    name: str = "puppet-realism",
+) -> dict[str, Any]:
+    """The realism discriminator. `generated`: (training, held-out) raw outputs of `recipe.generator`,
+    made by the caller (`factory detectors train`, which samples them as a build does)."""
+    if recipe.generator and generated is None:
+        raise ValueError(
+            f"realism recipe names generator {recipe.generator!r}: pass its raw outputs (factory detectors train "
+            "samples them)"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     t0 = time.time()
     images, labels, _ = data.realism_set(
-        recipe.train_samples, recipe.train_people, "train", recipe.seed, recipe.image_size, recipe.workers
+        recipe.train_samples,
+        recipe.train_people,
+        "train",
+        recipe.seed,
+        recipe.image_size,
+        recipe.workers,
+        failures=recipe.failures,
+        fakes=None if generated is None else generated[0],
     )
     x_all = to_input(images)
     y_all = torch.from_numpy(labels.astype(np.float32))
@@ -259,13 +297,14 @@ def train_realism(out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> dict
         return F.binary_cross_entropy_with_logits(net(_augment(x_all[idx], g, recipe.noise)), y_all[idx])
 
     _fit(net, [], len(x_all), step, recipe, "realism")
+    calibration = _calibrate_realism(net, recipe) if recipe.real_accepted else None
     net.save_pretrained(out / "torch")
     export_onnx(_RealismExport(net), out / "model.onnx", ["realism"], recipe.image_size)
     write_spec(
         out,
         {
             "task": "realism",
-            "name": "puppet-realism",
+            "name": name,
             "model": "model.onnx",
             "input": _input_spec(recipe.image_size),
             "outputs": [{"kind": "probability", "name": "realism"}],
@@ -273,25 +312,56 @@ def train_realism(out: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> dict
             "torch_weights": "torch",
         },
     )
-    report = evaluate_realism(out / "spec.yaml", recipe)
+    report = evaluate_realism(out / "spec.yaml", recipe, None if generated is None else generated[1])
     report |= {"params": sum(p.numel() for p in net.parameters()), "train_seconds": time.time() - t0}
+    if calibration is not None:
+        report["calibration"] = calibration
     report["recipe"] = recipe.model_dump()
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def evaluate_realism(spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> dict[str, Any]:
+def _calibrate_realism(net: RealismNet, recipe: TrainRecipe) -> dict[str, Any]:
+    """Shift the logit so that `recipe.real_accepted` of clean renders of unseen identities score >= 0.5.
+
+    The calibration renders are their own draw (heldout identities, seed + 1000), not the eval set, so the
+    reported acceptance of clean renders is measured, not set. A person accepts a clean render; so 0.5 means
+    "as plausible as the least plausible renders we keep", not whatever the loss's balance left."""
+    cal = data.au_set(
+        max(1000, recipe.heldout_samples // 2), recipe.heldout_people, "heldout", recipe.seed + 1000, recipe.image_size,
+        recipe.workers,
+    )  # fmt: skip
+    net.eval()
+    with torch.no_grad():
+        logits = torch.cat([net(to_input(cal.images[a : a + 256])) for a in range(0, len(cal.images), 256)])
+    cut = float(torch.quantile(logits, 1.0 - float(recipe.real_accepted)))
+    head = net.head[-1]
+    with torch.no_grad():
+        head.bias -= cut
+    return {"renders": len(cal.images), "real_accepted": recipe.real_accepted, "logit_shift": round(-cut, 4)}
+
+
+def evaluate_realism(
+    spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE, generated: np.ndarray | None = None
+) -> dict[str, Any]:
     from .metrics import roc_auc
     from .realism import OnnxRealism
 
     images, labels, kinds = data.realism_set(
-        recipe.heldout_samples, recipe.heldout_people, "heldout", recipe.seed, recipe.image_size, recipe.workers
+        recipe.heldout_samples,
+        recipe.heldout_people,
+        "heldout",
+        recipe.seed,
+        recipe.image_size,
+        recipe.workers,
+        failures=recipe.failures,
+        fakes=generated,
     )
     model = OnnxRealism(str(spec_path), batch_size=256)
     scores = model.score(images)
     thr = model.default_threshold
     per_kind = {}
-    for k, name in enumerate(data.NEGATIVE_KINDS):
+    for k, name in enumerate(data.ALL_KINDS):
         m = kinds == k
         if m.any():
             per_kind[name] = {"n": int(m.sum()), "rejected": round(float((scores[m] < thr).mean()), 4)}
@@ -439,6 +509,12 @@ DEFAULT_MODELS: dict[str, tuple[Kind, str | None, dict[str, Any]]] = {
     "au-resnet": ("au", "resnet", {"epochs": 14, "upsample": 2}),
     "au-vit": ("au", "vit", {"epochs": 40, "lr": 1e-3}),
     "realism": ("realism", None, {"noise": 0.04}),
+    # the paper's way: renders against a MAUGen's raw outputs and failure-shaped corruptions, calibrated
+    "realism-gen": (
+        "realism",
+        None,
+        {"noise": 0.04, "failures": True, "generator": "builtin:tiny-puppet", "real_accepted": 0.98},
+    ),
     "identity": ("identity", None, {"epochs": 8}),
     # the evaluation panel: own identity stream (split) and seed, other architectures
     "eval-au": ("au", "gncnn", {"epochs": 14, "split": "evaluator", "seed": 11}),
@@ -453,8 +529,10 @@ def recipe_for(name: str, overrides: dict[str, Any] | None = None) -> TrainRecip
     return TrainRecipe(**(DEFAULT_MODELS[name][2] | (overrides or {})))
 
 
-def train_one(name: str, out_root: str | Path, recipe: TrainRecipe) -> dict[str, Any]:
-    """Train the embedded model `name` (see DEFAULT_MODELS) into OUT_ROOT/name."""
+def train_one(
+    name: str, out_root: str | Path, recipe: TrainRecipe, generated: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """Train the embedded model `name` (see DEFAULT_MODELS) into OUT_ROOT/name (`generated`: train_realism's)."""
     if name not in DEFAULT_MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(DEFAULT_MODELS)}, all")
     kind, arch, _ = DEFAULT_MODELS[name]
@@ -462,5 +540,5 @@ def train_one(name: str, out_root: str | Path, recipe: TrainRecipe) -> dict[str,
     if kind == "au":
         return train_au(str(arch), out, recipe, name=name if name.startswith("eval-") else None)
     if kind == "realism":
-        return train_realism(out, recipe)
+        return train_realism(out, recipe, generated, name="puppet-realism" if name == "realism" else f"puppet-{name}")
     return train_identity(out, recipe, arch=arch, name=name)

@@ -16,6 +16,7 @@ from typing import Any
 
 from .cluster import node
 from .config import ConfigError, FactoryConfig
+from .sizing import GENERATOR_THREADS, Sizing
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,14 @@ class ActorBusy:
     active_s: float  # this actor's own window: start of its first call to end of its last
     fraction: float
     gpu_ids: list[str] = field(default_factory=list)  # the GPUs Ray gave the actor (none on CPU)
+    threads: int = 0  # intra-op threads it computes with (torch for a generator, ONNX Runtime for a detector)
 
     def describe(self) -> str:
         call = "generate" if self.stage == "generator" else "detect"
         return (
             f"{self.stage} {self.actor} busy {self.fraction:.3f} ({self.busy_s:.1f} s in {call}, "
-            f"{self.calls} calls, {self.images} images, active {self.active_s:.1f} s, node {self.node_ip}"
+            f"{self.calls} calls, {self.images} images, active {self.active_s:.1f} s, {self.threads} "
+            f"thread{'' if self.threads == 1 else 's'}, node {self.node_ip}"
             + (f", GPU {','.join(self.gpu_ids)})" if self.gpu_ids else ")")
         )
 
@@ -64,6 +67,10 @@ class _BusyMeter:
         self.busy_s = 0.0
         self.first_start: float | None = None
         self.last_end: float | None = None
+
+    def threads(self) -> int:
+        """Intra-op threads the actor's model computes with."""
+        raise NotImplementedError
 
     def _metered(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         start, t = time.time(), time.perf_counter()
@@ -93,6 +100,7 @@ class _BusyMeter:
             "images": self.images,
             "busy_s": self.busy_s,
             "active_s": active,
+            "threads": self.threads(),
         }
 
 
@@ -123,12 +131,29 @@ def _load(load: Callable[[], Any]) -> tuple[Any, str | None]:
 class GeneratorActor(_BusyMeter):
     """Owns one generator (model loaded once) and serves batches to shard tasks."""
 
-    def __init__(self, cfg_dict: dict[str, Any]):
-        from .generators import make_generator
+    def __init__(self, cfg_dict: dict[str, Any], threads: int | None = None):
+        """`threads`: torch intra-op threads of a torch generator (the build passes sizing.GENERATOR_THREADS;
+        None: torch's own). A generator that does not use torch imports neither it nor diffusers."""
+        from .generators import generator_class, make_generator
 
         super().__init__()
-        quiet_libraries()
-        self.generator, self.load_error = _load(lambda: make_generator(FactoryConfig.model_validate(cfg_dict)))
+        cfg = FactoryConfig.model_validate(cfg_dict)
+        self.uses_torch = generator_class(cfg).uses_torch
+        if self.uses_torch:
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(threads)
+            quiet_libraries()
+        self.generator, self.load_error = _load(lambda: make_generator(cfg))
+
+    def threads(self) -> int:
+        """torch's intra-op threads; 1 for a generator without torch (the puppet renderer: numpy, one thread)."""
+        if not self.uses_torch:
+            return 1
+        import torch
+
+        return torch.get_num_threads()
 
     def info(self) -> dict[str, Any]:
         """Name and version (the samples' provenance tag), the image size it makes, and whether it
@@ -153,6 +178,7 @@ class DetectorActor(_BusyMeter):
         super().__init__()
         cfg = FactoryConfig.model_validate(cfg_dict)
         d = cfg.detect
+        self._threads = cfg.runtime.detector_threads_used
         self.panel, self.load_error = _load(
             lambda: DetectorPanel(
                 d.au_detectors,
@@ -163,6 +189,9 @@ class DetectorActor(_BusyMeter):
                 batch_size=d.batch_size,
             )
         )
+
+    def threads(self) -> int:
+        return self._threads
 
     def describe(self) -> dict[str, Any]:
         """The models' provenance; {"load_error": ...} when they did not load."""
@@ -207,6 +236,7 @@ class ShardWorker:
         build_id: str,
         attempt: int,
         info: dict,
+        submitted: float | None = None,
     ) -> dict[str, Any]:
         import ray
 
@@ -230,27 +260,27 @@ class ShardWorker:
             detect=(lambda images: ray.get(detector.detect.remote(images))) if detector is not None else None,
             node={**node(), "worker_id": ray.get_runtime_context().get_actor_id()},
             on_round=on_round,
+            submitted=submitted,
         )
 
 
-def start_model_actors(cfg: FactoryConfig, num_generators: int) -> tuple[list[Any], list[Any], dict[str, Any]]:
-    """Start the generator and detector actors and wait until each has loaded its model; returns
-    (generators, detectors, the generator's name and version). A model that cannot load is one
-    ModelLoadError naming it, not an actor-death traceback."""
+def start_model_actors(cfg: FactoryConfig, sizing: Sizing) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    """Start the generator and detector actors `sizing` names and wait until each has loaded its model;
+    returns (generators, detectors, the generator's name and version). A model that cannot load is
+    one ModelLoadError naming it, not an actor-death traceback."""
     import ray
 
-    rt = cfg.runtime
     cfg_dict = cfg.model_dump(mode="json")
     gen_cls = ray.remote(GeneratorActor).options(
-        num_cpus=rt.generator_cpus, num_gpus=rt.generator_gpus, max_restarts=3, max_task_retries=2
+        num_cpus=sizing.generator_cpus, num_gpus=sizing.generator_gpus, max_restarts=3, max_task_retries=2
     )
-    generators = [gen_cls.remote(cfg_dict) for _ in range(num_generators)]
+    generators = [gen_cls.remote(cfg_dict, GENERATOR_THREADS) for _ in range(sizing.generators)]
     detectors: list[Any] = []
-    if cfg.detect.enabled:
+    if sizing.detectors:
         det_cls = ray.remote(DetectorActor).options(
-            num_cpus=rt.detector_cpus, num_gpus=rt.detector_gpus, max_restarts=3, max_task_retries=2
+            num_cpus=sizing.detector_cpus, num_gpus=sizing.detector_gpus, max_restarts=3, max_task_retries=2
         )
-        detectors = [det_cls.remote(cfg_dict) for _ in range(rt.num_detectors)]
+        detectors = [det_cls.remote(cfg_dict) for _ in range(sizing.detectors)]
         try:
             described = ray.get([d.describe.remote() for d in detectors])
         except ray.exceptions.RayActorError as err:
@@ -297,7 +327,8 @@ def actor_busy(stage: str, actors: list[Any], window_s: float, timeout_s: float 
         frac = b["busy_s"] / window_s if window_s > 0 else 0.0
         out.append(
             ActorBusy(
-                stage, refs[ref], b["node_ip"], b["calls"], b["images"], b["busy_s"], b["active_s"], frac, b["gpu_ids"]
+                stage, refs[ref], b["node_ip"], b["calls"], b["images"], b["busy_s"], b["active_s"], frac, b["gpu_ids"],
+                b["threads"],
             )
         )
     return sorted(out, key=lambda g: g.actor)

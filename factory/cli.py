@@ -124,7 +124,9 @@ def _dry_run(cfg: FactoryConfig) -> dict:
         from pipelines.maugen.memory import generator_memory
 
         try:
-            out["generator_actor"] = generator_memory(cfg.maugen.checkpoint, cfg.maugen.dtype)
+            out["generator_actor"] = generator_memory(
+                cfg.maugen.checkpoint, cfg.maugen.dtype, cfg.maugen.batch_size, cfg.maugen.guidance_scale > 1.0
+            )
         except FileNotFoundError as err:  # the checkpoint may live only on the cluster's nodes
             out["generator_actor"] = {"checkpoint": cfg.maugen.checkpoint, "unavailable": str(err)}
     return out
@@ -338,7 +340,8 @@ app.add_typer(detectors_app, name="detectors")
 @detectors_app.command("train")
 def detectors_train(
     name: Annotated[
-        str, typer.Argument(help="au-cnn, au-resnet, au-vit, realism, identity, eval-au, eval-identity, or all")
+        str,
+        typer.Argument(help="au-cnn, au-resnet, au-vit, realism, realism-gen, identity, eval-au, eval-identity, or all"),
     ],
     out: Annotated[str, typer.Option(help="folder that receives NAME/ (model.onnx, spec.yaml, torch/, eval.json)")] = (
         "detectors/models"
@@ -348,6 +351,15 @@ def detectors_train(
     train_people: Annotated[Optional[int], typer.Option(help="training identities")] = None,
     heldout_samples: Annotated[Optional[int], typer.Option(help="held-out renders (unseen identities)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="default: the model's recipe (0; 11 for the eval panel)")] = None,
+    generator: Annotated[
+        Optional[str],
+        typer.Option(help="realism-gen: the MAUGen checkpoint whose raw outputs it learns to reject (builtin:NAME or a folder)"),
+    ] = None,
+    generated_samples: Annotated[Optional[int], typer.Option(help="realism-gen: raw outputs to sample for training")] = None,
+    threads: Annotated[int, typer.Option(help="torch threads while sampling the generator (0: torch's default)")] = 0,
+    generated_cache: Annotated[
+        str, typer.Option(help="realism-gen: where sampled batches are kept, so an interrupted run resumes its sampling")
+    ] = "runs/generated-cache",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train on puppet renders, export to ONNX, write the spec and held-out eval.json."""
@@ -365,13 +377,37 @@ def detectors_train(
         "train_people": train_people,
         "heldout_samples": heldout_samples,
         "seed": seed,
+        "generator": generator,
+        "generated_samples": generated_samples,
     }
     for n in names:
         try:
             recipe = recipe_for(n, {k: v for k, v in given.items() if v is not None})
         except ValidationError as err:
             _fail(f"detectors train: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}")
-        rep = train_one(n, out, recipe)
+        generated = None
+        if recipe.generator:
+            if DEFAULT_MODELS[n][0] != "realism":
+                _fail(f"detectors train: --generator is for the realism models; {n} does not use one")
+            from factory.generated import generated_faces
+
+            try:
+                cache = f"{generated_cache}/{n}"  # kept per batch: an interrupted run resumes its sampling
+                generated = (
+                    generated_faces(
+                        recipe.generator, recipe.generated_samples, recipe.train_people, "train", recipe.seed, threads,
+                        cache=cache,
+                    ),
+                    generated_faces(
+                        recipe.generator, max(1, recipe.generated_samples // 4), recipe.heldout_people, "heldout", recipe.seed,
+                        threads, cache=cache,
+                    ),
+                )  # fmt: skip
+            except (ValueError, FileNotFoundError) as e:
+                _fail(f"detectors train {n}: --generator {recipe.generator}: {e}")
+        elif given["generator"] is not None or given["generated_samples"] is not None:
+            _fail(f"detectors train: --generator/--generated-samples are for realism-gen, not {n}")
+        rep = train_one(n, out, recipe, generated)
         typer.echo(json.dumps({"model": n, "heldout": rep["heldout"]}, indent=1, default=float))
 
 

@@ -289,16 +289,62 @@ class DetectConfig(_Section):
         return self
 
 
-class RuntimeConfig(_Section):
-    """How the build runs. Not part of the build's identity: a resume may change it."""
+AUTO = "auto"
 
-    num_generators: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        1,
-        description="generator actors (1 GPU each on a GPU cluster); auto: as many as the cluster's GPUs hold "
-        "beside the detectors (generator_gpus > 0), else its CPUs with 2 shard workers each",
+
+def _whole_or_auto(v: Any, key: str, minimum: int) -> Any:
+    """`auto`, or a whole number >= minimum (as a YAML number or a `--set` string); else one clear line."""
+    if v == AUTO:
+        return v
+    n = None
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str) and v.strip().isdigit():
+        n = int(v)
+    if n is None or n < minimum:
+        raise ValueError(f"give a whole number >= {minimum}, or auto (sized from the Ray cluster); e.g. --set {key}=auto")
+    return n
+
+
+def _number_or_auto(v: Any, key: str, positive: bool) -> Any:
+    """`auto`, or a number > 0 (positive) / >= 0; else one clear line."""
+    if v == AUTO:
+        return v
+    try:
+        x = float(v) if not isinstance(v, bool) else None
+    except (TypeError, ValueError):
+        x = None
+    if x is None or x != x or x < 0 or (positive and x == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"give a number {bound}, or auto (sized from the Ray cluster); e.g. --set {key}=auto")
+    return x
+
+
+class RuntimeConfig(_Section):
+    """How the build runs. Not part of the build's identity: a resume may change it.
+
+    The `auto` keys are sized from the Ray cluster the build runs on (factory/sizing.py): on a
+    cluster with GPUs, one generator per GPU; on CPUs only, one generator per core, each reserving
+    an even share of the CPUs the detectors and shard workers leave. A number always wins. A
+    generator runs one torch thread whatever it reserves: more threads change MAUGen's bytes.
+    """
+
+    num_generators: int | Literal["auto"] = Field(
+        AUTO,
+        description="generator actors; auto: one per whole GPU left beside the detectors when the generators "
+        "get GPUs (generator_gpus), else one per CPU core (with generator_cpus=auto) or as many as the CPUs hold "
+        "beside the detectors with 2 shard workers each (with a number for generator_cpus)",
     )
-    generator_gpus: float = Field(0.0, ge=0.0, description="GPUs per generator actor (0 on CPU)")
-    generator_cpus: float = Field(1.0, gt=0.0)
+    generator_gpus: float | Literal["auto"] = Field(
+        AUTO,
+        description="GPUs per generator actor; auto: 1 when the Ray cluster has GPUs and the generator uses them "
+        "(generator=maugen, maugen.device not cpu), else 0",
+    )
+    generator_cpus: float | Literal["auto"] = Field(
+        AUTO,
+        description="CPUs each generator actor reserves in Ray; auto: 1 beside a GPU, else an even share of the "
+        "CPUs the detectors and shard workers leave",
+    )
     shard_worker_cpus: float = Field(
         0.25,
         gt=0.0,
@@ -320,11 +366,27 @@ class RuntimeConfig(_Section):
         description="ONNX Runtime intra-op threads per model (0: the actor's CPU share, detector_cpus rounded, >= 1)",
     )
 
+    @field_validator("num_generators", mode="before")
+    @classmethod
+    def _num_generators(cls, v: Any) -> Any:
+        return _whole_or_auto(v, "runtime.num_generators", 1)
+
+    @field_validator("generator_gpus", mode="before")
+    @classmethod
+    def _generator_gpus(cls, v: Any) -> Any:
+        return _number_or_auto(v, "runtime.generator_gpus", positive=False)
+
+    @field_validator("generator_cpus", mode="before")
+    @classmethod
+    def _generator_cpus(cls, v: Any) -> Any:
+        return _number_or_auto(v, "runtime.generator_cpus", positive=True)
+
     @property
     def detector_threads_used(self) -> int:
         """Threads a detector actor gives ONNX Runtime. Its own default (one per core, spinning while
         idle) fights the generator and shard workers for CPUs the actor did not reserve."""
         return self.detector_threads or max(1, round(self.detector_cpus))
+
     progress: bool = True
     progress_trace: str | None = Field(
         None, description="append every progress update (time, accepted, in flight) to this JSONL file"

@@ -93,22 +93,26 @@ BUILD = Panel(None, None, None, "puppet-realism-gap")
 PANELS: dict[str, Panel] = {"independent": INDEPENDENT, "build": BUILD}
 
 
-def _roles_in_build(cfg: FactoryConfig) -> dict[str, list[str]]:
+def _roles_in_build(cfg: FactoryConfig, recorded: dict[str, str] | None = None) -> dict[str, list[str]]:
     """sha256 of every model that shaped this corpus -> its roles: the build's filters, and the models
-    MAUGen's training judged its images with (the checkpoint's train_config.yaml)."""
+    MAUGen's training judged its images with (the checkpoint's train_config.yaml). A filter's hash is
+    the one build.json recorded (`recorded`, the files the corpus was filtered with), else its file's now."""
     import yaml
 
     from detectors.panel import model_hashes
     from detectors.spec import SpecError
 
     roles: dict[str, list[str]] = {}
+    recorded = recorded or {}
 
     def add(refs: list[str], role: str) -> None:
         for ref in refs:
-            try:
-                key = next(iter(model_hashes([ref]).values()))
-            except (SpecError, OSError, ValueError):
-                key = ref  # not on this machine: compare by name
+            key = recorded.get(ref)
+            if key is None:
+                try:
+                    key = next(iter(model_hashes([ref]).values()))
+                except (SpecError, OSError, ValueError):
+                    key = ref  # not on this machine: compare by name
             roles.setdefault(key, []).append(f"{role} ({ref})")
 
     if cfg.detect.enabled:
@@ -131,10 +135,14 @@ def _roles_in_build(cfg: FactoryConfig) -> dict[str, list[str]]:
 
 
 def _judges(
-    cfg: FactoryConfig, panel: DetectorPanel, enc: OnnxIdentityEncoder, features: FeatureNetwork
+    cfg: FactoryConfig,
+    panel: DetectorPanel,
+    enc: OnnxIdentityEncoder,
+    features: FeatureNetwork,
+    recorded: dict[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Each judge of this eval with the roles it also had in the build, and one warning per overlap."""
-    roles = _roles_in_build(cfg)
+    roles = _roles_in_build(cfg, recorded)
     judges: list[dict[str, Any]] = []
     for role, d in (
         [("au_detector", d.describe()) for d in panel.detectors]
@@ -195,7 +203,8 @@ def _collect(
     max_samples: int | None,
     garble: GarbleMeter | None = None,
 ) -> _Collected:
-    """Read the committed shards in order and run the detectors, encoder and feature network on them."""
+    """Read the committed shards in order and run the detectors, encoder and feature network on them.
+    When the panel is the garble measure's evaluator alone, its reading is the measure's (run once)."""
     from detectors.identity import cosine
 
     c = _Collected()
@@ -222,7 +231,9 @@ def _collect(
         c.feats_gen.append(features(images))
         c.feats_ref.append(features(references))
         if garble is not None:
-            c.garble.append(garble(images, people, [c.target[-1], c.gen_int[-1]]).residual)
+            own = [d.sha256 for d in panel.detectors] == [d.sha256 for d in garble.panel.detectors]
+            read = det.consensus.intensity if own else None
+            c.garble.append(garble(images, people, [c.target[-1], c.gen_int[-1]], read).residual)
     return c
 
 
@@ -294,7 +305,7 @@ def evaluate(
     enc = OnnxIdentityEncoder(str(resolve(enc_ref)), batch_size=batch_size)
     features = FeatureNetwork(feature_network or chosen.feature_network, batch_size=batch_size)
     refs = _References(cfg)
-    judges, overlap = _judges(cfg, panel, enc, features)
+    judges, overlap = _judges(cfg, panel, enc, features, b.record.get("models"))
     for w in overlap:
         log.warning("eval: %s", w)
 

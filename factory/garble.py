@@ -70,19 +70,27 @@ class GarbleMeter:
         return self._renderers[size]
 
     def __call__(
-        self, images: np.ndarray, people: Sequence[PuppetIdentity], explanations: Sequence[np.ndarray] = ()
+        self,
+        images: np.ndarray,
+        people: Sequence[PuppetIdentity],
+        explanations: Sequence[np.ndarray] = (),
+        read: np.ndarray | None = None,
     ) -> GarbleScores:
         """Scores of `images` against the evaluator's reading and any other `explanations`: (B, 12)
-        intensities per image, such as the prompt targets and the generator's labels."""
+        intensities per image, such as the prompt targets and the generator's labels. `read`: the
+        evaluator's intensities of these images when the caller already ran it (eval's own panel)."""
         size = images.shape[1]
-        refs = [self.reference(images, people)]
+        refs = [self.reference(images, people, read)]
         refs += [self._renderer(size).render_batch(people, np.clip(e, INTENSITY_MIN, INTENSITY_MAX)) for e in explanations]
         best = np.min([self.scores(images, r, people).residual for r in refs], axis=0)
         return GarbleScores(residual=best, broken=best.max(axis=1) >= BROKEN_RESIDUAL)
 
-    def reference(self, images: np.ndarray, people: Sequence[PuppetIdentity]) -> np.ndarray:
-        """Each identity rendered with the AU intensities the evaluator reads in its image."""
-        read = self.panel.detect(images).consensus.intensity
+    def reference(
+        self, images: np.ndarray, people: Sequence[PuppetIdentity], read: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Each identity rendered with the AU intensities the evaluator reads in its image (`read`, if given)."""
+        if read is None:
+            read = self.panel.detect(images).consensus.intensity
         if np.isnan(read).any():
             raise ValueError(f"garble measure: evaluator {self.evaluator} gives no intensity for some AUs")
         return self._renderer(images.shape[1]).render_batch(people, np.clip(read, INTENSITY_MIN, INTENSITY_MAX))

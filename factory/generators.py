@@ -57,6 +57,11 @@ class Generator(Protocol):
     version: str
     image_size: int  # the corpus image size it makes
     needs_exemplars: bool
+    #: Whether generating is the build's costly stage on a CPU, so that `auto` sizing runs one generator
+    #: per core (factory/sizing.py); False for one that costs less than detecting what it makes.
+    fills_cores: bool
+    #: Whether it computes with torch: its actor sets torch's threads and quiets diffusers' output.
+    uses_torch: bool
 
     def generate(self, batch: GenerationBatch) -> GenerationResult: ...
 
@@ -66,6 +71,8 @@ class PuppetGenerator:
 
     name = "puppet"
     needs_exemplars = False
+    fills_cores = False  # a few ms an image in numpy: its detection costs more (bench/bench_actor_busy.py)
+    uses_torch = False
 
     def __init__(self, cfg: FactoryConfig):
         self.image_size = cfg.puppet.image_size
@@ -93,6 +100,8 @@ class MAUGenGenerator:
 
     name = "maugen"
     needs_exemplars = True
+    fills_cores = True
+    uses_torch = True
 
     def __init__(self, cfg: FactoryConfig):
         import torch
@@ -203,12 +212,16 @@ def prompt_budget(cfg: FactoryConfig) -> TokenBudget | None:
     return _budget_of(cfg.maugen.checkpoint) if cfg.generator == "maugen" else None
 
 
-def make_generator(cfg: FactoryConfig) -> Generator:
+def generator_class(cfg: FactoryConfig) -> type:
+    """The class of the configured generator (its traits, without loading it)."""
     try:
-        cls = GENERATORS[cfg.generator]
+        return GENERATORS[cfg.generator]
     except KeyError:
         raise ValueError(f"generator {cfg.generator!r} unknown; allowed: {', '.join(GENERATORS)}") from None
-    return cls(cfg)
+
+
+def make_generator(cfg: FactoryConfig) -> Generator:
+    return generator_class(cfg)(cfg)
 
 
 def validate_result(result: GenerationResult, batch: GenerationBatch, size: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .actors import ActorBusy, actor_busy, error_cause, short_error, start_model_actors
-from .cluster import check_resources, client_auth_mode, generator_count, init_ray
+from .cluster import client_auth_mode, init_ray
 from .config import ConfigError, FactoryConfig
 from .fallbacks import FallbackCount, endpoint, fallback_stop, shards_count
 from .layout import Layout
@@ -29,6 +29,7 @@ from .pool import Assignment, StagePool, WorkerPool
 from .progress import BuildProgress
 from .record import prepare_output
 from .sampler import QuotaExhaustedError
+from .sizing import Sizing, check_resources, size_runtime
 from .stops import BuildStopped, fatal_os_error, storage_stop
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,12 @@ class BuildSummary:
     shards_seconds: float = 0.0
     generators: list[ActorBusy] = field(default_factory=list)
     detectors: list[ActorBusy] = field(default_factory=list)
+    #: The actors this run started and what each reserved (None when no shard was left to run).
+    sizing: Sizing | None = None
+    #: The driver process over the shard window: CPU seconds (all its threads, Ray's own included),
+    #: and its resident memory in MiB when the first shard went out and when the last came back.
+    driver_cpu_s: float = 0.0
+    driver_rss_mb: tuple[float, float] = (0.0, 0.0)
     #: Prompts of every committed shard that fell back to the grammar; `llm` names the endpoint
     #: (None for the grammar backend, which has no fallback).
     prompts: FallbackCount = field(default_factory=FallbackCount)
@@ -121,7 +128,7 @@ def _build(cfg: FactoryConfig, out: str, new_build: bool, plan: Plan) -> BuildSu
     )
     started = init_ray(cfg)
     try:
-        _run_on_ray(cfg, layout, plan, summary, pending, set(state.committed))
+        _run_on_ray(cfg, layout, plan, summary, pending, set(state.committed), set(state.failed))
     finally:
         if started:
             ray.shutdown()
@@ -154,33 +161,50 @@ def _preflight_expander(cfg: FactoryConfig) -> None:
 
 
 def _run_on_ray(
-    cfg: FactoryConfig, layout: Layout, plan: Plan, summary: BuildSummary, pending: deque[int], committed: set[str]
+    cfg: FactoryConfig,
+    layout: Layout,
+    plan: Plan,
+    summary: BuildSummary,
+    pending: deque[int],
+    committed: set[str],
+    failed: set[str],
 ) -> None:
-    """Start the model actors and the shard workers, run the pending shards, then stop every actor."""
+    """Start the model actors and the shard workers, run the pending shards, then stop every actor.
+    `failed`: the shards with a failure record in OUT/failed/ (a commit removes its record)."""
     import ray
 
-    rt = cfg.runtime
     resources = ray.cluster_resources()
-    num_generators = generator_count(cfg, resources)
-    check_resources(cfg, num_generators, resources)
-    generators, detectors, info = start_model_actors(cfg, num_generators)
+    sizing = size_runtime(cfg, resources)
+    check_resources(cfg, sizing, resources)
+    log.info("on %g CPUs, %g GPUs: %s", resources.get("CPU", 0.0), resources.get("GPU", 0.0), sizing.describe())
+    summary.sizing = sizing
+    generators, detectors, info = start_model_actors(cfg, sizing)
     # One shard worker per shard in flight, spread over the generators' nodes. No Ray-level
     # retries: a shard whose worker or node dies comes back here as an error and is re-submitted
     # with attempt + 1, so its stats record every attempt it took.
     nodes = [n["node_id"] for n in ray.get([a.where.remote() for a in [*generators, *detectors]])]
-    max_in_flight = rt.max_shards_in_flight or 2 * num_generators
+    n_gen = sizing.generators
     pool = WorkerPool(
-        StagePool(generators, nodes[:num_generators]),
-        StagePool(detectors, nodes[num_generators:]),
-        rt.shard_worker_cpus,
-        max_in_flight,
+        StagePool(generators, nodes[:n_gen]),
+        StagePool(detectors, nodes[n_gen:]),
+        sizing.shard_worker_cpus,
+        sizing.shard_workers,
     )
-    for k in range(max_in_flight):
-        pool.add_worker(near=k % num_generators)
-    loop = _Scheduler(cfg, layout, plan, summary, pool, ray.put(cfg.model_dump(mode="json")), info, pending, committed)
+    for k in range(sizing.shard_workers):
+        pool.add_worker(near=k % n_gen)
+    cfg_ref = ray.put(cfg.model_dump(mode="json"))
+    loop = _Scheduler(cfg, layout, plan, summary, pool, cfg_ref, info, pending, committed, failed)
     try:
         loop.run()
         summary.shards_seconds = time.time() - loop.t_first if loop.t_first is not None else 0.0
+        summary.driver_cpu_s = time.process_time() - loop.cpu_first if loop.t_first is not None else 0.0
+        summary.driver_rss_mb = (loop.rss_first, _rss_mb())
+        log.info(
+            "driver: %.2f CPU s over the %.1f s shard window, resident memory %.0f -> %.0f MiB",
+            summary.driver_cpu_s,
+            summary.shards_seconds,
+            *summary.driver_rss_mb,
+        )
         summary.generators = actor_busy("generator", generators, summary.shards_seconds)
         summary.detectors = actor_busy("detector", detectors, summary.shards_seconds)
         loop.progress.actors_busy([b.describe() for b in [*summary.generators, *summary.detectors]])
@@ -207,15 +231,20 @@ class _Scheduler:
         info: dict[str, str],
         pending: deque[int],
         committed: set[str],
+        failed: set[str],
     ) -> None:
         self.cfg, self.layout, self.plan, self.summary, self.pool = cfg, layout, plan, summary, pool
         self.cfg_ref, self.info, self.pending, self.committed = cfg_ref, info, pending, committed
+        # shards with a record in OUT/failed/: only their commits touch the store for it (on S3 a
+        # look for a record that is not there is two requests, in the driver's loop, per shard)
+        self.failed_records = failed
         self.in_flight: dict[Any, InFlight] = {}
         self.attempts: dict[int, int] = {}
         self.progress = BuildProgress(
             plan.target, plan.num_shards, enabled=cfg.runtime.progress, trace=cfg.runtime.progress_trace
         )
         self.t_first: float | None = None
+        self.cpu_first, self.rss_first = 0.0, 0.0  # the driver's CPU seconds and memory at t_first
         # prompts of this run that fell back: committed shards, and the shards in flight so far
         self.run_prompts = FallbackCount()
         self.live_prompts: dict[int, FallbackCount] = {}
@@ -252,7 +281,7 @@ class _Scheduler:
     def _submit(self) -> None:
         while self.pending and self.pool.idle:
             if self.t_first is None:
-                self.t_first = time.time()
+                self.t_first, self.cpu_first, self.rss_first = time.time(), time.process_time(), _rss_mb()
             i = self.pending.popleft()
             self.attempts[i] = self.attempts.get(i, 0) + 1
             a = self.pool.assign()
@@ -265,6 +294,7 @@ class _Scheduler:
                 self.summary.build_id,
                 self.attempts[i],
                 self.info,
+                time.time(),
             )
             self.in_flight[ref] = InFlight(i, self.attempts[i], a)
 
@@ -285,7 +315,9 @@ class _Scheduler:
         name, s = self.plan.shard_name(job.index), self.summary
         self.committed.add(name)
         try:
-            clear_failure(self.layout, name)
+            if name in self.failed_records:
+                clear_failure(self.layout, name)
+                self.failed_records.discard(name)
         except OSError as err:  # a stale note; a storage fault that every shard meets stops the build
             fatal = fatal_os_error(err)
             if fatal is not None:
@@ -337,6 +369,7 @@ class _Scheduler:
         """Write OUT/failed/NAME.json. It is a note for `report` and the user, so a write that fails
         never takes the driver down: a storage fault stops the build (unless it is stopping already),
         anything else is logged and the build goes on."""
+        self.failed_records.add(name)
         try:
             record_failure(self.layout, name, rec)
         except OSError as err:
@@ -344,6 +377,15 @@ class _Scheduler:
             if fatal is not None and not stopping:
                 raise storage_stop(fatal, self.layout) from None
             log.warning("could not write the failure record of shard %s: %s", name, short_error(err))
+
+
+def _rss_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _poll_live(in_flight: dict[Any, InFlight]) -> dict[int, tuple[int, int, dict[str, Any]]]:

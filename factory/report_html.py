@@ -43,7 +43,9 @@ th{background:#f7fafc} td.l,th.l{text-align:left}
 .err{font-family:monospace;white-space:pre-wrap;text-align:left;font-size:12px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(190px,1fr));gap:12px}
 .card{border:1px solid #e2e8f0;border-radius:6px;padding:6px;margin:0;font-size:12px;background:#fff}
-.card img{width:160px;height:160px;image-rendering:pixelated;display:block;margin:0 auto 4px}
+.card img{width:160px;height:160px;image-rendering:pixelated;display:block;margin:0 auto 4px;cursor:zoom-in}
+.card img:focus{position:fixed;top:50%;left:50%;transform:translate(-50%,-50%);width:min(88vw,88vh,640px);
+ height:auto;z-index:10;cursor:zoom-out;outline:none;box-shadow:0 0 0 100vmax rgba(0,0,0,.6)}
 .card .key{font-family:monospace;font-size:11px;color:#4a5568} .card .prompt{font-style:italic;margin:3px 0}
 .au{display:inline-block;background:#edf2f7;border-radius:3px;padding:0 4px;margin:1px;font-size:11px}
 .au.on{background:#2b6cb0;color:#fff} .reason{font-weight:600;color:#c05621}
@@ -117,7 +119,8 @@ def _failed(rep: dict[str, Any]) -> str:
 def _card(s: dict[str, Any], head: str = "") -> str:
     """One sample: its image, then key, emotion and identity, prompt, AU labels and scores as text under it."""
     img = (
-        f'<img alt="{_e(s["key"])}" src="{s["image"]}">'
+        # focusable: a click shows the face at up to 640 px over the page (CSS only), another click anywhere closes it
+        f'<img tabindex="0" title="click to enlarge" alt="{_e(s["key"])}" src="{s["image"]}">'
         if s.get("image")
         else f'<div class="noimg">{_e(s.get("no_image", "no image"))}</div>'
     )

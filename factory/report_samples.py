@@ -29,7 +29,7 @@ from .layout import Layout
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-THUMB_PX = 160  # larger images are shrunk, so a report of 512 px samples stays small
+THUMB_PX = 256  # larger images are shrunk (a report of 512 px samples stays small), enough to judge a face enlarged
 
 
 def spread(items: list[Any], k: int) -> list[Any]:

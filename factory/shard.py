@@ -73,6 +73,7 @@ def run_shard(
     detect: DetectFn | None = None,
     node: dict[str, str] | None = None,
     on_round: Callable[[int, int, dict[str, Any]], None] | None = None,
+    submitted: float | None = None,
 ) -> dict[str, Any]:
     """Fill, write and commit shard `index`; returns its stats (the commit marker's content).
 
@@ -80,7 +81,8 @@ def run_shard(
     stats next to the hostname: several Ray nodes may share one hostname (containers, network
     namespaces). `on_round(accepted, candidates, expand)` hears the counts so far after every round
     (expand: the expander's stats as JSON), for the driver's progress and its fallback rule while a
-    long shard is still filling.
+    long shard is still filling. `submitted`: when the driver handed the shard out (epoch seconds), kept
+    in the stats' timings beside its start and end, so that scheduling latency can be read from them.
     """
     t0 = time.time()
     if cfg.detect.enabled and detect is None:
@@ -128,6 +130,8 @@ def run_shard(
             "start": round(t0, 3),
             "end": round(time.time(), 3),
         }
+        if submitted is not None:
+            stats["timings"]["submitted"] = round(submitted, 3)
         return writer.commit(stats)
     except BaseException:
         writer.abort()

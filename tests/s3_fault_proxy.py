@@ -10,7 +10,8 @@ way a real object store sheds load: 503 SlowDown, 500 InternalError, or a connec
 A write request (PUT or POST: object and part uploads, multipart create and complete) takes the
 first fault still in the script whose text is in its path ("" matches any), else it passes; other
 requests always pass. Passed requests are forwarded to moto byte for byte (moto does not check
-signatures). `faults` records what was answered, as (fault, method, path).
+signatures). `faults` records what was answered, as (fault, method, path); `requests`, every request
+as (method, path), for counting what a build asks of the store (bench/bench_orchestration.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class S3FaultProxy(LoopbackHTTPServer):
         self.upstream = (u.hostname or "127.0.0.1", u.port or 80)
         self.script: list[tuple[str, str]] = []  # (fault, text of the path it waits for)
         self.faults: list[tuple[str, str, str]] = []
+        self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         super().__init__(self._handler())
 
@@ -84,6 +86,8 @@ class S3FaultProxy(LoopbackHTTPServer):
 
             def _any(self) -> None:
                 body = self._body()
+                with proxy._lock:
+                    proxy.requests.append((self.command, self.path))
                 fault = proxy._next_fault(self.command, self.path)
                 if fault == "reset":  # RST instead of an answer: what a dropped connection looks like
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

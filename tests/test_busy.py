@@ -68,6 +68,8 @@ def test_build_reports_busy_fraction_per_actor(tmp_path, caplog, monkeypatch):
     assert generated >= summary.candidates >= 120
     # every valid generated image is detected once (the puppet makes no invalid ones)
     assert summary.detectors[0].images == generated
+    assert [g.threads for g in summary.generators] == [1, 1] and summary.detectors[0].threads == 1
+    assert summary.sizing is not None and summary.sizing.generators == 2
     busy_lines = [r.getMessage() for r in caplog.records if " busy " in r.getMessage()]
     assert [ln.split(" busy ")[0] for ln in busy_lines] == ["generator 0", "generator 1", "detector 0"]
 

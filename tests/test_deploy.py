@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 import factory.graph
 from factory.cli import app
 from factory.config import FactoryConfig
-from factory.cluster import generator_count
+from factory.sizing import size_runtime
 
 DEPLOY = ROOT / "deploy"
 RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"
@@ -143,14 +143,13 @@ def fit_problems(cfg: FactoryConfig, nodes: list[Node]) -> list[str]:
     """Pack the build's actors onto NODES (first fit, largest first), then its shard workers."""
     rt = cfg.runtime
     problems = []
-    if rt.generator_gpus != 1:
-        problems.append(f"runtime.generator_gpus={rt.generator_gpus:g}: a GPU cluster runs 1 generator per GPU")
+    sizing = size_runtime(cfg, {"CPU": sum(n.cpu for n in nodes), "GPU": sum(n.gpu for n in nodes)})
+    if sizing.generator_gpus != 1:
+        problems.append(f"runtime.generator_gpus={sizing.generator_gpus:g}: a GPU cluster runs 1 generator per GPU")
     if cfg.generator == "maugen" and cfg.maugen.device == "cpu":
         problems.append("maugen.device=cpu on a GPU cluster")
-    n_gen = generator_count(cfg, {"CPU": sum(n.cpu for n in nodes), "GPU": sum(n.gpu for n in nodes)})
-    actors = [("generator", rt.generator_cpus, rt.generator_gpus)] * n_gen
-    if cfg.detect.enabled:
-        actors += [("detector", rt.detector_cpus, rt.detector_gpus)] * rt.num_detectors
+    actors = [("generator", sizing.generator_cpus, sizing.generator_gpus)] * sizing.generators
+    actors += [("detector", sizing.detector_cpus, sizing.detector_gpus)] * sizing.detectors
     free = [[n.cpu, n.gpu] for n in nodes]
     for kind, cpus, gpus in sorted(actors, key=lambda a: (-a[2], -a[1])):
         for f in free:
@@ -160,7 +159,7 @@ def fit_problems(cfg: FactoryConfig, nodes: list[Node]) -> list[str]:
                 break
         else:
             problems.append(f"a {kind} actor ({cpus:g} CPU, {gpus:g} GPU) fits on no node: add workers")
-    in_flight = rt.max_shards_in_flight or 2 * n_gen
+    in_flight = sizing.shard_workers
     spare = sum(f[0] for f in free)
     if spare + EPS < in_flight * rt.shard_worker_cpus:
         problems.append(f"{in_flight} shard workers need {in_flight * rt.shard_worker_cpus:g} CPUs, {spare:g} are left")

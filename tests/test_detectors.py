@@ -389,3 +389,72 @@ def test_every_channel_swap_negative_differs_from_its_render():
     assert not any(np.array_equal(o.astype(np.uint8), img) for o in outs)
     orders = {tuple(int(o[0, 0, c]) for c in range(3)) for o in outs}
     assert len(orders) == 6  # the five other orders and the inversion
+
+
+def test_failure_shaped_negatives_break_only_feature_regions_and_leave_the_committed_recipe_alone():
+    """realism-gen's negatives break a face inside its brows/eyes/nose/mouth zones only; with failures off
+    the realism set draws exactly what the committed `realism` was trained on (the same arrays)."""
+    from pipelines.puppet import PuppetRenderer
+
+    plain = data.realism_set(48, 6, "train", 0, 64, 1)
+    again = data.realism_set(48, 6, "train", 0, 64, 1, failures=False)
+    for a, b in zip(plain, again):
+        np.testing.assert_array_equal(a, b)
+    images, labels, kinds = data.realism_set(96, 6, "train", 0, 64, 1, failures=True)
+    first = len(data.NEGATIVE_KINDS)
+    hit = np.nonzero(kinds >= first)[0]
+    assert {data.ALL_KINDS[k] for k in kinds[hit]} == set(data.FAILURE_KINDS) and (labels[hit] == 0).all()
+    base = data.au_set(96, 6, "train", 100, 64, 1)
+    renderer = PuppetRenderer(64)
+    for i in hit:
+        regions = np.any(data.feature_regions(renderer, base.people[int(base.identity[i])]), axis=0)
+        changed = np.any(images[i] != base.images[i], axis=-1)
+        assert changed.any() and not (changed & ~regions).any(), data.ALL_KINDS[kinds[i]]
+
+
+def test_realism_trained_against_generated_faces_is_calibrated_on_clean_renders(tmp_path):
+    """train_realism with a generator's outputs (here: stand-ins given directly) counts them as the kind
+    `generated`, and its calibration makes 0.5 the score that the recipe's share of clean renders reaches."""
+    from detectors.train import TrainRecipe, train_realism
+
+    rng = np.random.default_rng(0)
+    fakes = data.au_set(64, 8, "train", 5, 64, 1).images.astype(np.float32)
+    fakes = np.clip(fakes + rng.normal(0, 18, fakes.shape), 0, 255).astype(np.uint8)  # grainy faces
+    recipe = TrainRecipe(
+        train_samples=384, train_people=16, heldout_samples=256, heldout_people=16, epochs=2, workers=1,
+        failures=True, generator="stand-in", real_accepted=0.9,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="pass its raw outputs"):
+        train_realism(tmp_path / "none", recipe)
+    rep = train_realism(tmp_path / "rg", recipe, (fakes[:48], fakes[48:]), name="puppet-realism-gen")
+    held = rep["heldout"]
+    assert held["per_negative_kind"]["generated"]["n"] == 16 and set(data.FAILURE_KINDS) <= set(held["per_negative_kind"])
+    assert rep["calibration"]["real_accepted"] == 0.9 and 0.8 <= held["real_accepted"] <= 0.97, held
+    assert load_spec(tmp_path / "rg" / "spec.yaml").spec.name == "puppet-realism-gen"
+
+
+@pytest.mark.slow  # ~30 s: samples the shipped MAUGen; the default suite covers train_realism with stand-ins
+def test_realism_gen_command_samples_the_generator_as_a_build_does(tmp_path):
+    """`factory detectors train realism-gen` draws the shipped MAUGen's raw outputs through the build's
+    generate stage and trains on them; a generator that does not exist is one line naming it."""
+    from conftest import factory
+
+    small = ["--epochs", "1", "--train-samples", "128", "--train-people", "8", "--heldout-samples", "64"]
+    cache = tmp_path / "cache"
+    small += ["--generated-cache", str(cache)]
+    p = factory("detectors", "train", "realism-gen", "--out", str(tmp_path), *small, "--generated-samples", "8")
+    assert p.returncode == 0, p.stderr[-3000:]
+    kept = sorted(cache.rglob("*.npy"))
+    assert len(kept) == 2 and not list(cache.rglob("*.tmp.npy"))  # one batch per split, each whole
+    before = (tmp_path / "realism-gen" / "model.onnx").read_bytes()
+    p = factory("detectors", "train", "realism-gen", "--out", str(tmp_path), *small, "--generated-samples", "8")
+    assert p.returncode == 0 and "generated 8/8" not in p.stderr  # served from the cache, nothing sampled
+    assert (tmp_path / "realism-gen" / "model.onnx").read_bytes() == before
+    rep = yaml.safe_load((tmp_path / "realism-gen" / "eval.json").read_text())
+    assert rep["heldout"]["per_negative_kind"]["generated"]["n"] == 2 and rep["recipe"]["generator"] == "builtin:tiny-puppet"
+    assert rep["calibration"]["real_accepted"] == 0.98
+    p = factory("detectors", "train", "realism-gen", "--out", str(tmp_path), *small, "--generator", str(tmp_path / "nope"))
+    assert p.returncode == 2 and str(tmp_path / "nope") in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    p = factory("detectors", "train", "au-cnn", "--out", str(tmp_path), "--generated-samples", "8")
+    assert p.returncode == 2 and "realism-gen" in p.stderr

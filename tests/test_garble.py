@@ -45,6 +45,9 @@ def test_renders_are_intact_and_scrambled_eyes_or_mouths_are_broken():
             box |= renderer.region_mask(p, au)
         scrambled[b] = _scramble(renders[b], box, rng)
     torn = meter(scrambled, people, [targets])
+    # eval passes the reading its own panel made (the same evaluator, run once): the same scores
+    read = meter.panel.detect(scrambled).consensus.intensity
+    np.testing.assert_array_equal(meter(scrambled, people, [targets], read).residual, torn.residual)
     assert torn.broken.mean() >= 0.8, np.sort(torn.residual.max(axis=1))
     summary = torn.summary()
     assert summary["threshold"] == BROKEN_RESIDUAL and summary["by_region"]["mouth"] > 0

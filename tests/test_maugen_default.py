@@ -149,13 +149,19 @@ def test_shipped_checkpoint_labels_agree_with_independent_detectors_on_heldout_i
     assert f1_independent >= INDEPENDENT_F1_BAR
 
 
-def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path):
+def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path, monkeypatch):
     """README command 1 at a small size, on a terminal: the whole graph runs, and what the user reads
-    holds no Python warning and no library's progress bar, then where the corpus is and how to read it."""
+    holds no Python warning and no library's progress bar, then where the corpus is and how to read it.
+    On 2 CPUs the default sizing runs a generator per core, each on one torch thread, also where the
+    user's OMP_NUM_THREADS (which Ray passes on, and torch would follow) says 2."""
     out = tmp_path / "out"
     args = ["--target", "8", "--shard-size", "4", "--out", str(out), "--set", "generator=maugen", *BUILD_SETS]
-    rc, screen = factory_on_a_terminal("build", *args, "--set", "runtime.object_store_mb=100")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    rc, screen = factory_on_a_terminal("build", *args, "--set", "runtime.object_store_mb=100", "--set",
+                                       "runtime.num_cpus=2")  # fmt: skip
     assert rc == 0, screen[-3000:]
+    busy = re.findall(r"generator (\d+) busy ([^\n]*)", screen)  # logged, then printed at the end
+    assert {g for g, _ in busy} == {"0", "1"} and all(", 1 thread," in line for _, line in busy), busy
     assert not re.search(r"\w+Warning\b", screen), screen  # FutureWarning, UserWarning, ... (Ray's own notices are logs)
     assert "it/s]" not in screen and "Loading pipeline components" not in screen and "Loading weights" not in screen
     assert "ETA" in screen and "accepted 8/8" in screen  # the bar's ETA, the final line

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from factory.config import ConfigError, load_config
-from factory.cluster import generator_count
+from factory.sizing import generator_count
 from factory.graph import run_build
 
 GPU_CLUSTER = {"CPU": 128.0, "GPU": 16.0}
@@ -23,18 +23,19 @@ def test_generator_count_from_cluster_gpus_or_cpus():
     assert generator_count(load_config(None, gpu), GPU_CLUSTER) == 15  # 16 - 4 x 0.25, whole GPUs
     assert generator_count(load_config(None, [*gpu, "detect.enabled=false"]), GPU_CLUSTER) == 16
     assert generator_count(load_config(None, [*gpu, "runtime.generator_gpus=0.5"]), GPU_CLUSTER) == 30
-    # on CPUs: (CPUs - detectors) / (generator + its 2 shard workers) = (8 - 0.5) / (1 + 0.5)
-    assert generator_count(load_config(None, ["runtime.num_generators=auto"]), {"CPU": 8.0}) == 5
+    # the default, generator_gpus=auto, is 1 GPU per generator on a cluster with GPUs
+    assert generator_count(load_config(None, gpu[2:]), GPU_CLUSTER) == 15
+    # on CPUs with a number for generator_cpus: (CPUs - detectors) / (generator + its 2 shard workers) = (8 - 0.5) / 1.5
+    assert generator_count(load_config(None, ["runtime.generator_cpus=1"]), {"CPU": 8.0}) == 5
     assert generator_count(load_config(None, ["runtime.num_generators=3"]), {"CPU": 1.0}) == 3  # as set
     with pytest.raises(ConfigError, match=r"num_generators=auto.*0 GPUs.*generator_gpus"):
         generator_count(load_config(None, gpu), {"CPU": 8.0})
 
 
 def test_num_generators_rejects_other_words():
-    with pytest.raises(ConfigError, match="runtime.num_generators"):
-        load_config(None, ["runtime.num_generators=all"])
-    with pytest.raises(ConfigError, match="runtime.num_generators"):
-        load_config(None, ["runtime.num_generators=0"])
+    for bad in ("all", "0", "1.5"):
+        with pytest.raises(ConfigError, match=r"^config error: runtime.num_generators: give a whole number >= 1, or auto"):
+            load_config(None, [f"runtime.num_generators={bad}"])
 
 
 SMALL = ["generator=puppet", "build.target=40", "build.shard_size=20", "runtime.progress=false",

@@ -138,6 +138,9 @@ def test_dry_run_plans_a_million_without_ray():
     summary = json.loads(p.stdout)
     assert summary["num_shards"] == 1000 and sum(summary["emotions"].values()) == 1000000
     assert "ray" not in p.stderr.lower()  # planning starts no cluster (timing: bench/bench_plan.py)
+    # the shipped checkpoint's generator actor: counted from its safetensors headers
+    tiny = summary["generator_actor"]
+    assert tiny["dtype"] == "float32" and tiny["weights_bytes"] == 4 * tiny["total_parameters"] > 1_000_000
 
 
 def test_dry_run_sizes_a_generator_actor_at_sd15_sizes_on_the_meta_device(run_factory, tmp_path):
@@ -151,9 +154,15 @@ def test_dry_run_sizes_a_generator_actor_at_sd15_sizes_on_the_meta_device(run_fa
     assert mem["parameters"]["unet"] == 859_535_364  # SD 1.5 inpainting: 4 + 5 input channels
     assert mem["parameters"]["text_encoder"] == 123_060_480 and mem["parameters"]["label_decoder"] > 0
     assert mem["weights_bytes"] == 2 * mem["total_parameters"] and 2.0 < mem["weights_gib"] < 2.3
-    # the shipped checkpoint: counted from its safetensors headers
-    tiny = json.loads(run_factory("build", "--dry-run", check=True).stdout)["generator_actor"]
-    assert tiny["dtype"] == "float32" and tiny["weights_bytes"] == 4 * tiny["total_parameters"] > 1_000_000
+    # activations at maugen.batch_size (16) with guidance, traced on the meta device: materialised attention
+    # scores (64x64 latents: 4096^2 per head) dwarf the fused kernel's; the VAE decode at 512 px bounds the latter
+    act = mem["activations"]
+    assert act["batch"] == 16 and act["guidance"] is True
+    fused, full = act["fused_attention"], act["materialised_attention"]
+    assert fused["by_stage"]["vae_decode"] == full["by_stage"]["vae_decode"] > 2**30
+    assert full["by_stage"]["step"] > 8 * fused["by_stage"]["step"] > 8 * 2**30
+    assert mem["total_gib"]["fused_attention"] == round((mem["weights_bytes"] + fused["peak_bytes"]) / 2**30, 3)
+    # the shipped checkpoint's figures: test_dry_run_plans_a_million_without_ray
     p = run_factory("build", "--target", "4", "--out", str(tmp_path / "o"), "--set", "maugen.checkpoint=meta:sd15")
     assert p.returncode == 2 and "has no weights: it sizes `factory build --dry-run` only" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
