@@ -18,9 +18,14 @@ other load moves least). The last round also splits each call's time by componen
 for sd15 it times, at `--profile-size` px, one UNet forward with guidance (2 rows) against one MAUGen
 step's label decoder + conditioner + mutual-conditioning EMA.
 
+Both configurations sample with the build's steps (`maugen.steps`, 15) by default, so a call's fixed costs
+(MAUGen encodes the masked and the whole exemplar, the stock pipeline the masked one) weigh against the
+UNet steps as they do in a build; sd15 runs at 128 px on a CPU, where the label decoder's share is larger
+than at 512 px (its patch tokens do not grow with the image).
+
 Run (2 CPU cores: about 5 minutes on a quiet machine; a GPU: add --device cuda):
     python bench/bench_maugen_vs_diffusers.py
-    python bench/bench_maugen_vs_diffusers.py --configs small --small-size 128 --small-steps 10 --small-batch 4
+    python bench/bench_maugen_vs_diffusers.py --configs small --small-size 128 --small-steps 15 --small-batch 4
 """
 
 from __future__ import annotations
@@ -46,9 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd_random import write_sd_inpainting  # noqa: E402
 
 from detectors.builtin import torch_weights  # noqa: E402
+from factory.config import MAUGenGeneratorConfig  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.maugen.pipeline import tapped_sides  # noqa: E402
 from pipelines.maugen.build import MAUGenConfig, build_pipeline, set_scheduler  # noqa: E402
+
+#: the steps a build samples with (maugen.steps): a sampling call's fixed costs (encoding the exemplar,
+#: decoding the image) weigh against the UNet steps as they do in a build
+BUILD_STEPS = MAUGenGeneratorConfig().steps
 
 PROMPT = "A face showing a clear smile with the lips apart and the brows raised."
 
@@ -357,10 +367,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="small,sd15", help="comma-separated: small, sd15, toy")
     ap.add_argument("--small-size", type=int, default=128)
-    ap.add_argument("--small-steps", type=int, default=10)
+    ap.add_argument("--small-steps", type=int, default=BUILD_STEPS)
     ap.add_argument("--small-batch", type=int, default=4)
-    ap.add_argument("--sd15-size", type=int, default=256, help="px; SD 1.5 works at 512, 256 keeps a CPU run short")
-    ap.add_argument("--sd15-steps", type=int, default=2)
+    ap.add_argument(
+        "--sd15-size", type=int, default=128,
+        help="px; SD 1.5 works at 512: smaller keeps a CPU run short and is the harder case for MAUGen (its label "
+        "decoder's cost does not shrink with the image, the UNet's does)",
+    )
+    ap.add_argument("--sd15-steps", type=int, default=BUILD_STEPS)
     ap.add_argument("--sd15-batch", type=int, default=1)
     ap.add_argument("--sd15-repeats", type=int, default=2)
     ap.add_argument("--profile-size", type=int, default=512, help="px of the one-step UNet vs label decoder timing")
