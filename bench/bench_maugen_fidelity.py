@@ -22,8 +22,13 @@ index)))), not from pipelines/puppet/data.py's `train` stream that MAUGen's Pupp
 It tracks a training run between checkpoints (`factory eval` measures a built corpus); `--json` logs the
 numbers with the command that made them; `--grid PNG` saves the first 32 images.
 
+The generator's throughput switches (`--dtype bfloat16`, `--attention eager`, `--channels-last`, `--compile`,
+`--cache pab [--cache-skip N]`, as the `maugen` config section names them) are applied as the generator
+actor applies them, so what each costs in label fidelity is one run with and one without it.
+
 Run: python bench/bench_maugen_fidelity.py --checkpoint RUN/checkpoints/step-0002000/pipeline [--n 256]
      [--sampling build|random] [--no-budget] [--evaluator SPEC] [--identity-evaluator SPEC] [--json OUT.json]
+     [--dtype bfloat16] [--cache pab] ...
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from factory.sampler import CandidateSpec, ShardSampler  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.maugen.pipeline import MAUGenPipelineOutput  # noqa: E402
 from pipelines.maugen.build import SCHEDULERS, set_scheduler  # noqa: E402
+from pipelines.maugen.speed import ATTENTION, CACHES, apply_speedups  # noqa: E402
 from pipelines.maugen.data.puppet import person_id  # noqa: E402
 from pipelines.maugen.train import DataConfig  # noqa: E402
 from pipelines.prompts import TokenBudget, make_expander  # noqa: E402
@@ -136,15 +142,21 @@ def fidelity(
     evaluator: str = EVALUATOR,
     identity_evaluator: str = IDENTITY_EVALUATOR,
     realism: str | None = None,
+    speed: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Sample `n` candidates drawn by `sampling` (SAMPLINGS) and judge them; (numbers, images, each image's
     worst garble residual, factory/garble.py). `realism`: the build filter's realism model instead of
-    detect.realism's default."""
+    detect.realism's default. `speed`: the generator's throughput switches as the `maugen` config section
+    names them (dtype, attention, channels_last, compile, cache, cache_skip), applied as the generator
+    actor applies them, so their cost in label fidelity is measured."""
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    pipe = MAUGenPipeline.from_pretrained(checkpoint)
+    speed = dict(speed or {})
+    dtype = getattr(torch, speed.pop("dtype", "float32"))
+    pipe = MAUGenPipeline.from_pretrained(checkpoint, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, scheduler)
+    apply_speedups(pipe, **speed)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     cfg = _config(realism)  # the build's default plan, checks and thresholds
     # every judge is loaded before sampling, so a missing model fails at once
@@ -296,6 +308,13 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--realism", help="the build filter's realism model (default: detect.realism's)")
+    # the generator's throughput switches (the `maugen` config section; pipelines/maugen/speed.py)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=_SAMPLING.dtype)
+    ap.add_argument("--attention", choices=sorted(ATTENTION), default=_SAMPLING.attention)
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (minutes of compilation first)")
+    ap.add_argument("--cache", choices=CACHES, default=_SAMPLING.cache, help="pab: diffusers' attention cache")
+    ap.add_argument("--cache-skip", type=int, default=_SAMPLING.cache_skip)
     ap.add_argument("--grid", help="save the first 32 images to this PNG")
     ap.add_argument("--garble-grid", help="save 32 images spread over the garble residual order (mildest first), 3x")
     ap.add_argument("--json", help="write the numbers, the command line and the checkpoint to this file")
@@ -304,14 +323,19 @@ def main() -> None:
 
     cfg = _config(args.realism)
     interval = (args.guidance_interval[0], args.guidance_interval[1])
+    speed = {
+        "dtype": args.dtype, "attention": args.attention, "channels_last": args.channels_last,
+        "compile": args.compile, "cache": args.cache, "cache_skip": args.cache_skip,
+    }
     r, images, residual = fidelity(
         args.checkpoint, args.n, args.steps, args.scheduler, args.guidance, interval,
-        args.sampling, not args.no_budget, args.evaluator, args.identity_evaluator, args.realism,
+        args.sampling, not args.no_budget, args.evaluator, args.identity_evaluator, args.realism, speed,
     )
     d = cfg.detect
     print(
         f"{args.checkpoint}: {args.n} candidates ({args.sampling} sampling), {args.scheduler} {args.steps} steps, "
-        f"guidance {args.guidance} at t/T in [{interval[0]}, {interval[1]}], {args.threads} threads"
+        f"guidance {args.guidance} at t/T in [{interval[0]}, {interval[1]}], {args.threads} threads; "
+        + ", ".join(f"{k} {v}" for k, v in speed.items())
     )
     print(
         f"judged by: build panel = the build's filters {', '.join(d.au_detectors)} (k={d.min_agree}) + {d.realism}, "

@@ -42,8 +42,11 @@ class OnnxAUDetector(OnnxModel):
         provider_list: list[str] | None = None,
         occurrence_threshold: int = DEFAULT_OCCURRENCE_THRESHOLD,
         batch_size: int = 64,
+        io_binding: bool | None = None,
     ):
-        super().__init__(spec, threads=threads, provider_list=provider_list, batch_size=batch_size)
+        super().__init__(
+            spec, threads=threads, provider_list=provider_list, batch_size=batch_size, io_binding=io_binding
+        )
         aus = self.spec.aus or []
         #: (column in the model output, position in the 12-vector) for the AUs the factory labels
         self.columns = np.array([c for c, au in enumerate(aus) if au in AUS], dtype=np.int64)

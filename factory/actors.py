@@ -277,8 +277,8 @@ def start_model_actors(
 ) -> tuple[list[Any], list[Any], dict[str, Any]]:
     """Start the generator and detector actors `sizing` names and wait until each has loaded its model;
     returns (generators, detectors, the generator's name and version). `training_subjects` ({file,
-    sha256}; None: not measured) go to every detector actor. A model that cannot load is one
-    ModelLoadError naming it, not an actor-death traceback."""
+    sha256}; None: not measured) go to every detector actor. Models that cannot load are one
+    ModelLoadError with a line naming each (detectors, generator), not an actor-death traceback."""
     import ray
 
     cfg_dict = cfg.model_dump(mode="json")
@@ -292,18 +292,26 @@ def start_model_actors(
             num_cpus=sizing.detector_cpus, num_gpus=sizing.detector_gpus, max_restarts=3, max_task_retries=2
         )
         detectors = [det_cls.remote(cfg_dict, training_subjects) for _ in range(sizing.detectors)]
+    # every model is waited for before any error is raised, so a user with two broken models learns of both
+    failed: list[str] = []
+    if detectors:
         try:
             described = ray.get([d.describe.remote() for d in detectors])
+            errors = [x["load_error"] for x in described if "load_error" in x]
         except ray.exceptions.RayActorError as err:
-            raise ModelLoadError(f"the detector actors could not load their models: {actor_cause(err)}") from None
-        if errors := [x["load_error"] for x in described if "load_error" in x]:
-            raise ModelLoadError(f"the detector actors could not load their models: {errors[0]}")
+            errors = [actor_cause(err)]
+        if errors:
+            failed.append(f"the detector actors could not load their models: {errors[0]}")
+    infos: list[dict[str, Any]] = []
     try:
         infos = ray.get([a.info.remote() for a in generators])
+        errors = [x["load_error"] for x in infos if "load_error" in x]
     except ray.exceptions.RayActorError as err:
-        raise ModelLoadError(f"the generator actors could not load their model: {actor_cause(err)}") from None
-    if errors := [x["load_error"] for x in infos if "load_error" in x]:
-        raise ModelLoadError(f"the generator actors could not load their model: {errors[0]}")
+        errors = [actor_cause(err)]
+    if errors:
+        failed.append(f"the generator actors could not load their model: {errors[0]}")
+    if failed:
+        raise ModelLoadError("\n".join(failed))
     return generators, detectors, infos[0]
 
 

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core.facs import DEFAULT_OCCURRENCE_THRESHOLD, EMOTION_NAMES, INTENSITY_MAX, STRENGTHS
 from pipelines.overrides import OverrideError
@@ -200,8 +209,38 @@ class MAUGenGeneratorConfig(_Section):
         "(pipelines/maugen/models/README.md) for 60% of the UNet calls",
     )
     batch_size: int = Field(16, ge=1, description="images per pipeline call inside the actor")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="fp16/bf16 on GPU only")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor sees a GPU")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="weights and activations: float16 on a GPU only; bfloat16 on a GPU or the CPU"
+    )
+    # throughput switches (pipelines/maugen/speed.py), applied where the generator actor loads the pipeline;
+    # each may move the last bits of a sample, so each is part of the build's identity
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="attention backend: sdpa = torch scaled_dot_product_attention (diffusers AttnProcessor2_0; "
+        "flash / memory-efficient kernels on a GPU); eager = diffusers AttnProcessor (matmul, softmax, matmul)",
+    )
+    channels_last: bool = Field(False, description="UNet in NHWC memory format (tensor-core convolutions on a GPU)")
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet (the first batch of each shape pays the compilation: minutes on SD 1.5)",
+    )
+    cache: Literal["none", "pab"] = Field(
+        "none",
+        description="feature cache: pab = diffusers' Pyramid Attention Broadcast on the UNet's self-attention (reuse "
+        "each layer's output between recomputations at noise levels t in (100, 800)); the one diffusers cache hook "
+        "that fits a UNet2DConditionModel; bench/bench_maugen_fidelity.py --cache pab measures its cost in labels",
+    )
+    cache_skip: int = Field(
+        2, ge=2, le=8, description="with cache=pab: recompute each self-attention every cache_skip-th UNet call"
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str, info: ValidationInfo) -> str:
+        if v == "float16" and info.data.get("device") == "cpu":
+            raise ValueError("float16 needs a GPU but maugen.device is cpu; use bfloat16 or float32 on the CPU")
+        return v
 
 
 class ChecksConfig(_Section):
@@ -374,6 +413,11 @@ ADDED_LATER: dict[str, Any] = {
     "build.image_size": None,
     "checks.training_similarity": None,
     "identities": {"source": "puppet", "pool": None, "split": "build", "train_share": 0.0, "masks": "auto"},
+    "maugen.attention": "sdpa",
+    "maugen.channels_last": False,
+    "maugen.compile": False,
+    "maugen.cache": "none",
+    "maugen.cache_skip": 2,
 }
 
 

@@ -109,13 +109,17 @@ class MAUGenGenerator:
         from pipelines.maugen import MAUGenPipeline
         from pipelines.maugen.build import set_scheduler
         from pipelines.maugen.builtin import checkpoint_hash, resolve_checkpoint
+        from pipelines.maugen.speed import apply_speedups
 
         m = cfg.maugen
         path = resolve_checkpoint(m.checkpoint)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if m.device == "auto" else m.device
         dtype = getattr(torch, m.dtype)
-        if device == "cpu" and dtype != torch.float32:
-            raise ValueError(f"maugen.dtype={m.dtype} needs a GPU; use float32 on the CPU")
+        if device == "cpu" and dtype == torch.float16:
+            raise ValueError(
+                "maugen.dtype=float16 needs a GPU and this generator runs on the CPU; set maugen.dtype=bfloat16 or "
+                "float32, or give the generator a GPU (runtime.generator_gpus)"
+            )
         try:
             pipe = MAUGenPipeline.from_pretrained(path, dtype=dtype)
         except Exception as e:
@@ -132,6 +136,14 @@ class MAUGenGenerator:
         set_scheduler(pipe, m.scheduler)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
+        apply_speedups(
+            self.pipe,
+            attention=m.attention,
+            channels_last=m.channels_last,
+            compile=m.compile,
+            cache=m.cache,
+            cache_skip=m.cache_skip,
+        )
         self.device = device
         self.cfg = m
         self.image_size = native

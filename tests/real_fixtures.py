@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,14 @@ def write_tiny_sd_inpainting(root: Path, image_size: int = 128, seed: int = 0) -
     import torch
     from diffusers import PNDMScheduler, UNet2DConditionModel
 
-    from pipelines.maugen.build import SD15_TEXT, SD15_UNET, build_word_tokenizer, prompt_corpus
+    from pipelines.maugen.build import (
+        SD15_SCHEDULER,
+        SD15_TEXT,
+        SD15_UNET,
+        build_word_tokenizer,
+        prompt_corpus,
+        write_sd_index,
+    )
 
     if image_size % 64:
         raise ValueError(f"image_size {image_size} must be a multiple of 64 (the VAE halves it 3 times, the UNet 3)")
@@ -65,26 +71,8 @@ def write_tiny_sd_inpainting(root: Path, image_size: int = 128, seed: int = 0) -
     tok = build_word_tokenizer(prompt_corpus(300), max_length=SD15_TEXT["max_position_embeddings"])
     tok.save_pretrained(root / "tokenizer")
     write_tiny_text_encoder(root / "text_encoder", tok, SD15_TEXT["max_position_embeddings"])
-    PNDMScheduler(  # runwayml/stable-diffusion-inpainting's scheduler/scheduler_config.json
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-        prediction_type="epsilon",
-    ).save_pretrained(root / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionInpaintPipeline",
-        "_diffusers_version": "0.6.0",
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    PNDMScheduler(**SD15_SCHEDULER).save_pretrained(root / "scheduler")
+    write_sd_index(root, "PNDMScheduler")
     return root
 
 

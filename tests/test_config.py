@@ -146,10 +146,12 @@ def test_a_resume_may_change_exactly_what_the_build_identity_leaves_out():
         return out
 
     # keys added later leave the identity at their default (see the test below), so set them here
+    speed = {"attention": "eager", "channels_last": True, "compile": True, "cache": "pab", "cache_skip": 3}
     cfg = FactoryConfig.model_validate(
         {
             "build": {"image_size": 128},
             "identities": {"source": "pool", "pool": "/p"},
+            "maugen": speed,
             "checks": {"training_similarity": 0.8},
         }
     )
@@ -194,6 +196,13 @@ def test_keys_added_later_leave_the_build_id_alone_at_their_default():
     assert pool.identity_dict()["identities"]["pool"] == "/photos" and pool.identity_hash() != cfg.identity_hash()
     sized = FactoryConfig.model_validate({"build": {"image_size": 512}})
     assert sized.identity_dict()["build"]["image_size"] == 512 and sized.identity_hash() != cfg.identity_hash()
+    # the generator's throughput switches (issue 23): at their defaults builds made before them keep their id
+    speed = {k.split(".", 1)[1]: v for k, v in ADDED_LATER.items() if k.startswith("maugen.")}
+    assert set(speed) == {"attention", "channels_last", "compile", "cache", "cache_skip"}
+    assert {k: getattr(cfg.maugen, k) for k in speed} == speed and not set(speed) & set(ident["maugen"])
+    for key, value in (("attention", "eager"), ("channels_last", True), ("compile", True), ("cache", "pab")):
+        on = FactoryConfig.model_validate({"maugen": {key: value}})
+        assert on.identity_dict()["maugen"][key] == value and on.identity_hash() != cfg.identity_hash()
     assert cfg.checks.training_similarity is ADDED_LATER["checks.training_similarity"]
     assert "training_similarity" not in ident["checks"]
     strict = FactoryConfig.model_validate({"checks": {"training_similarity": 0.6}})

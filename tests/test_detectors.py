@@ -143,6 +143,52 @@ def test_preprocessing_follows_the_spec(tiny_au, tmp_path):
     assert centre == pytest.approx(1.0, abs=1e-3) and corner == pytest.approx(-1.0, abs=1e-3)
 
 
+class _SessionSpy:
+    """Wraps an ONNX Runtime session and records every call made on it."""
+
+    def __init__(self, session):
+        self._session = session
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, name):
+        attr = getattr(self._session, name)
+
+        def record(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return attr(*args, **kwargs)
+
+        return record if callable(attr) else attr
+
+
+def test_on_the_cpu_provider_the_session_runs_exactly_as_before(tiny_au):
+    det = OnnxAUDetector(str(tiny_au / "spec.yaml"), batch_size=3)
+    assert det.providers[0] == "CPUExecutionProvider" and det.io_binding is False
+    spy = det.session = _SessionSpy(det.session)
+    imgs = _images(7)
+    out = det.predict(imgs)
+    assert [name for name, _, _ in spy.calls] == ["run", "run", "run"]  # batches of 3, 3, 1; no IO binding
+    for (_, args, kwargs), part in zip(spy.calls, (imgs[:3], imgs[3:6], imgs[6:])):
+        assert args[0] == det.output_names and not kwargs and list(args[1]) == [det.input_name]
+        np.testing.assert_array_equal(args[1][det.input_name], det.preprocess(part))
+    assert out.occurrence.shape == (7, NUM_AUS)
+
+
+def test_io_binding_gives_the_session_runs_outputs_and_reuses_its_input_buffers(tiny_au):
+    """The CUDA path, run on the CPU device (the code is the same but for the device name)."""
+    plain = OnnxAUDetector(str(tiny_au / "spec.yaml"), batch_size=3)
+    bound = OnnxAUDetector(str(tiny_au / "spec.yaml"), batch_size=3, io_binding=True)
+    assert bound.binding_device == ("cpu", 0)
+    spy = bound.session = _SessionSpy(bound.session)
+    for n in (7, 8, 7):  # remainders 1, 2, 1
+        imgs = _images(n, seed=n)
+        a, b = plain.predict(imgs), bound.predict(imgs)
+        np.testing.assert_allclose(b.probability, a.probability, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(b.intensity, a.intensity, rtol=1e-6, atol=1e-7)
+    names = [name for name, _, _ in spy.calls]
+    assert "run" not in names and names.count("run_with_iobinding") == 9
+    assert sorted(k[0] for k in bound._buffers) == [1, 3]  # the full batch's buffer and the last remainder's
+
+
 def test_detector_maps_a_subset_of_aus_into_the_12_vector(tiny_au, tmp_path):
     """A GraphAU-like spec: 8 DISFA AUs plus AU7 (not one of ours), probability output."""
 

@@ -316,6 +316,37 @@ SD15_TEXT = {
 }
 
 
+#: runwayml/stable-diffusion-inpainting's scheduler/scheduler_config.json (a PNDMScheduler): SD 1.5's noise
+#: schedule, which any diffusers sampler takes over (set_scheduler)
+SD15_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "prediction_type": "epsilon",
+}
+
+
+def write_sd_index(root: Path, scheduler: str = "PNDMScheduler") -> None:
+    """model_index.json of a Stable Diffusion inpainting folder in diffusers format, as SD 1.5 inpainting's
+    (unet/, vae/, text_encoder/ a CLIPTextModel, tokenizer/, scheduler/ of class `scheduler`)."""
+    import json
+
+    index = {
+        "_class_name": "StableDiffusionInpaintPipeline",
+        "_diffusers_version": "0.6.0",
+        "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (Path(root) / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
 def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

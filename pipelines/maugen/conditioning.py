@@ -15,6 +15,8 @@ the down path's cross-attentions; `install_mrl_processors` makes the up path dro
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -86,9 +88,9 @@ class MAUGenConditioner(ModelMixin, ConfigMixin):
 class DropAUTokensProcessor:
     """Cross-attention processor of the up path: attends to [C_T, C_ID], not to the trailing C_AU."""
 
-    def __init__(self, num_aus: int = NUM_AUS):
+    def __init__(self, num_aus: int = NUM_AUS, inner: Any = None):
         self.num_aus = num_aus
-        self.inner = AttnProcessor2_0()
+        self.inner = AttnProcessor2_0() if inner is None else inner
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
@@ -100,13 +102,17 @@ class DropAUTokensProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 
-def install_mrl_processors(unet: nn.Module, conditioner: MAUGenConditioner) -> None:
-    """Route C_AU to the down path (and mid block) only, unless the config puts it in the up path too."""
+def install_mrl_processors(unet: nn.Module, conditioner: MAUGenConditioner, attention: str = "sdpa") -> None:
+    """Route C_AU to the down path (and mid block) only, unless the config puts it in the up path too.
+
+    `attention` names the backend every layer computes with (pipelines/maugen/speed.py ATTENTION)."""
+    from .speed import attention_processor
+
     procs = {}
     for name in unet.attn_processors:
         up = name.startswith("up_blocks.")
         if up and name.endswith("attn2.processor") and not conditioner.config.au_tokens_in_up_path:
-            procs[name] = DropAUTokensProcessor(conditioner.config.num_aus)
+            procs[name] = DropAUTokensProcessor(conditioner.config.num_aus, attention_processor(attention))
         else:
-            procs[name] = AttnProcessor2_0()
+            procs[name] = attention_processor(attention)
     unet.set_attn_processor(procs)

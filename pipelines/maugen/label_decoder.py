@@ -21,6 +21,7 @@ Identity Decoupling Module (IDM), with e = W_l * identity_embedding and e_hat = 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -45,8 +46,24 @@ class LabelOutput:
         return torch.sigmoid(self.occurrence_logits)
 
 
+@dataclass
+class StepInvariants:
+    """Per AU-transformer layer, what the label decoder computes from the prompt and the identity alone."""
+
+    text: list[torch.Tensor | None]  # LGFE prompt states (None where the layer has no LGFE)
+    identity: list[torch.Tensor | None]  # IDM identity direction e_hat (None where the layer has no IDM)
+
+
+@functools.lru_cache(maxsize=64)
 def sincos_2d(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
-    """Fixed 2-D sine/cosine position code (h*w, dim): works at any feature-map size."""
+    """Fixed 2-D sine/cosine position code (h*w, dim): works at any feature-map size. Kept per size, device
+    and dtype (a sampling step would otherwise rebuild it for every tapped layer); callers must not write it.
+    Made outside inference mode and autograd, so a code first made while sampling serves training too."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _sincos_2d(h, w, dim, device, dtype)
+
+
+def _sincos_2d(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"query_dim must be divisible by 4 for the 2-D position code, got {dim}")
     q = dim // 4
@@ -106,8 +123,11 @@ class IdentityDecouplingModule(nn.Module):
         t = tokens.float()
         return (t - (t * e_hat[:, None, :]).sum(-1, keepdim=True) * e_hat[:, None, :]).to(tokens.dtype)
 
-    def forward(self, tokens: torch.Tensor, id_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        e_hat = self.identity_direction(id_embedding)
+    def forward(
+        self, tokens: torch.Tensor, id_embedding: torch.Tensor, e_hat: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`e_hat`: `identity_direction(id_embedding)`, when the caller computed it once for all steps."""
+        e_hat = self.identity_direction(id_embedding) if e_hat is None else e_hat
         mask = self.modulation_mask(tokens, e_hat) if self.use_mask else None
         filtered = self.residual_filter(tokens, e_hat) if self.use_filter else tokens
         return filtered, mask
@@ -148,6 +168,39 @@ class PurifiedCrossAttention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, nq, d))
 
 
+def attend(
+    mha: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`mha(query, key, value, key_padding_mask=..., need_weights=False)[0]` of a batch-first
+    nn.MultiheadAttention, computed with F.scaled_dot_product_attention on the module's own weights.
+
+    The module's inference fast path materialises every (query, key) score with bmm and softmax; with
+    the CLD's small heads (64-768 wide, 8 heads) over 256 patch tokens that cost a third of a small
+    UNet's step on a CPU, where SDPA's fused kernel costs a fraction of it (bench/bench_maugen_vs_diffusers.py).
+    `key_padding_mask` is True where a key is padding, as for nn.MultiheadAttention."""
+    d, h = mha.embed_dim, mha.num_heads
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    if query is key and key is value:
+        q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
+    else:
+        q = F.linear(query, w[:d], None if b is None else b[:d])
+        k = F.linear(key, w[d : 2 * d], None if b is None else b[d : 2 * d])
+        v = F.linear(value, w[2 * d :], None if b is None else b[2 * d :])
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], h, d // h).transpose(1, 2)
+
+    keep = None if key_padding_mask is None else ~key_padding_mask.bool()[:, None, None, :]
+    o = F.scaled_dot_product_attention(
+        heads(q), heads(k), heads(v), attn_mask=keep, dropout_p=mha.dropout if mha.training else 0.0
+    )
+    return mha.out_proj(o.transpose(1, 2).reshape(query.shape[0], query.shape[1], d))
+
+
 class LanguageGuidedFeatureEnhancer(nn.Module):
     """LGFE: self-attention over the prompt tokens, then cross-attention from the AU queries into them."""
 
@@ -160,13 +213,25 @@ class LanguageGuidedFeatureEnhancer(nn.Module):
         self.t_norm = nn.LayerNorm(dim)
         self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, q: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+    def text_states(self, text: torch.Tensor, text_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The prompt's side (text projection, self-attention, norm): the same at every denoising step."""
         pad = None if text_mask is None else ~text_mask.bool()
-        t = self.text_in(text.to(q.dtype))
+        t = self.text_in(text.to(dtype))
         tn = self.text_norm(t)
-        t = t + self.text_self(tn, tn, tn, key_padding_mask=pad, need_weights=False)[0]
-        tn = self.t_norm(t)
-        return q + self.cross(self.q_norm(q), tn, tn, key_padding_mask=pad, need_weights=False)[0]
+        t = t + attend(self.text_self, tn, tn, tn, pad)
+        return self.t_norm(t)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`states`: `text_states(text, text_mask, q.dtype)` computed once for all steps of a sampling call."""
+        pad = None if text_mask is None else ~text_mask.bool()
+        tn = self.text_states(text, text_mask, q.dtype) if states is None else states
+        return q + attend(self.cross, self.q_norm(q), tn, tn, pad)
 
 
 class AULayer(nn.Module):
@@ -189,19 +254,29 @@ class AULayer(nn.Module):
         self.ffn = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.lgfe = LanguageGuidedFeatureEnhancer(text_dim, dim, heads) if cfg["use_lgfe"] else None
 
-    def forward(self, q, patches, id_embedding, text, text_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        q: torch.Tensor,
+        patches: torch.Tensor,
+        id_embedding: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        text_states: torch.Tensor | None = None,
+        e_hat: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`text_states`, `e_hat`: this layer's StepInvariants, when the caller computed them once."""
         pn = self.p_norm(patches)
-        patches = patches + self.patch_self(pn, pn, pn, need_weights=False)[0]
+        patches = patches + attend(self.patch_self, pn, pn, pn)
         qn = self.q_norm1(q)
-        q = q + self.au_self(qn, qn, qn, need_weights=False)[0]
+        q = q + attend(self.au_self, qn, qn, qn)
         kv = self.kv_norm(patches)
         mask = None
         if self.idm is not None:
-            kv, mask = self.idm(kv, id_embedding)
+            kv, mask = self.idm(kv, id_embedding, e_hat)
         q = q + self.cross(self.q_norm2(q), kv, mask)
         q = q + self.ffn(q)
         if self.lgfe is not None:
-            q = self.lgfe(q, text, text_mask)
+            q = self.lgfe(q, text, text_mask, text_states)
         return q, mask
 
 
@@ -299,6 +374,23 @@ class ConditionalLabelDecoder(ModelMixin, ConfigMixin):
     def initial_queries(self, batch: int) -> torch.Tensor:
         return self.queries.unsqueeze(0).expand(batch, -1, -1)
 
+    def step_invariants(
+        self,
+        text_tokens: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        id_embedding: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> StepInvariants | None:
+        """What each layer computes from the prompt and the identity alone (LGFE prompt states, IDM identity
+        direction): a sampling call computes them once and passes them to every step's forward, which
+        gives what computing them in each forward gives. None for the pooled branch (no layers)."""
+        if self.layers is None:
+            return None
+        return StepInvariants(
+            text=[None if m.lgfe is None else m.lgfe.text_states(text_tokens, text_mask, dtype) for m in self.layers],
+            identity=[None if m.idm is None else m.idm.identity_direction(id_embedding) for m in self.layers],
+        )
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -309,7 +401,9 @@ class ConditionalLabelDecoder(ModelMixin, ConfigMixin):
         text_mask: torch.Tensor | None,
         id_embedding: torch.Tensor,
         queries: torch.Tensor | None = None,
+        invariants: StepInvariants | None = None,
     ) -> LabelOutput:
+        """`invariants`: `self.step_invariants(...)` of these prompts and identities, computed once per call."""
         if len(features) != len(self.heads_in):
             raise ValueError(f"label decoder expects {len(self.heads_in)} feature maps, got {len(features)}")
         b = features[0].shape[0]
@@ -321,7 +415,8 @@ class ConditionalLabelDecoder(ModelMixin, ConfigMixin):
             if self.layers is None:
                 q = q + patches.mean(dim=1, keepdim=True)
                 continue
-            q, mask = self.layers[i](q, patches, id_embedding, text_tokens, text_mask)
+            states, e_hat = (None, None) if invariants is None else (invariants.text[i], invariants.identity[i])
+            q, mask = self.layers[i](q, patches, id_embedding, text_tokens, text_mask, states, e_hat)
             if mask is not None:
                 masks.append(mask)
         logits, intensity = self.heads(q)

@@ -216,9 +216,16 @@ class MAUGenPipeline(DiffusionPipeline):
 
     def image_condition(self, exemplar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The inpainting UNet's image channels: the masked exemplar, and the whole exemplar after it when
-        the UNet reads it (training and sampling build them here alike)."""
-        masked = self.encode_images(exemplar * (1.0 - mask))
-        return torch.cat([masked, self.encode_images(exemplar)], 1) if self.reference else masked
+        the UNet reads it (training builds them here; sampling in `encode_exemplar`, alike)."""
+        if self.reference:
+            return self.encode_exemplar(exemplar, mask)[0]
+        return self.encode_images(exemplar * (1.0 - mask))
+
+    def encode_exemplar(self, exemplar: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the UNet's image channels, the whole exemplar's latent), from one encoder call on the masked and
+        the whole exemplar: sampling needs the latter outside the face (and a reference UNet reads it)."""
+        masked, whole = self.encode_images(torch.cat([exemplar * (1.0 - mask), exemplar])).chunk(2)
+        return (torch.cat([masked, whole], 1) if self.reference else masked), whole
 
     def encode_images(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> the diffusion space (VAE latents, or the pixels folded into p x p patches).
@@ -301,7 +308,7 @@ class MAUGenPipeline(DiffusionPipeline):
                     "this MAUGen is an inpainting model: pass mask_image (1 = the face region to generate)"
                 )
             mask = to_mask_tensor(mask_image, b, size).to(device)
-            masked_l = self.image_condition(ident, mask).to(dtype)
+            masked_l, z_known = (z.to(dtype) for z in self.encode_exemplar(ident, mask))
             mask_l = core.latent_mask(mask, (height // sf, width // sf)).to(dtype)
 
         shape = (b, self.latent_channels, height // sf, width // sf)
@@ -311,7 +318,6 @@ class MAUGenPipeline(DiffusionPipeline):
         if self.inpainting:
             # outside the face the model was never asked to denoise (eq. 10 is masked): there the
             # sample follows the exemplar, noised to each step's level, as x_t did in training
-            z_known = self.encode_images(ident).to(dtype)
             known_noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
         ld = self.label_decoder
@@ -319,6 +325,7 @@ class MAUGenPipeline(DiffusionPipeline):
         state = ld.initial_queries(b).to(dtype)
         cfg = guidance_scale > 1.0
         uncond = self.conditioner.unconditional(null_text.to(dtype), b) if cfg else None
+        invariants = ld.step_invariants(cond.text_tokens, cond.text_mask, cond.id_embedding, dtype)  # once a call
         trajectory: list[np.ndarray] = []
         labels = None
         for i, t in enumerate(self.progress_bar(timesteps)):
@@ -338,7 +345,7 @@ class MAUGenPipeline(DiffusionPipeline):
             else:
                 eps = self.unet(x_in, t, encoder_hidden_states=ehs.to(dtype)).sample
                 feats, temb = self.tap.pop()
-            labels = ld(feats, temb, cond.text_tokens, cond.text_mask, cond.id_embedding, queries)
+            labels = ld(feats, temb, cond.text_tokens, cond.text_mask, cond.id_embedding, queries, invariants)
             if mutual:
                 state = core.next_au_state(ld, state, labels.tokens)
             latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
