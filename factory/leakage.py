@@ -274,10 +274,6 @@ def plan_leakage(cfg: FactoryConfig) -> LeakagePlan:
     checks.training_similarity set, each of these is instead a LeakageError naming the fix: a build
     asked to reject leaked identities must not quietly skip it. A corrupt file is an error either way.
     """
-    # pipelines.maugen.builtin only here: importing pipelines.maugen loads torch and diffusers, which
-    # `factory report` (it reads build.json through factory.record) does without
-    from pipelines.maugen.builtin import SUBJECTS_FILE, resolve_checkpoint
-
     check, ref = cfg.checks.training_similarity, cfg.detect.identity_encoder
 
     def unmeasured(why: str, fix: str | None = None) -> LeakagePlan:
@@ -292,6 +288,10 @@ def plan_leakage(cfg: FactoryConfig) -> LeakagePlan:
         return unmeasured(f"generator={cfg.generator} is no trained model, so it has no training subjects")
     if not cfg.detect.enabled:
         return unmeasured("detect.enabled=false, and the detector actor is what embeds the generated faces")
+    # imported only here, past the puppet's return: importing pipelines.maugen loads torch and diffusers
+    # (seconds of a driver's start), which `factory report` and a puppet build do without
+    from pipelines.maugen.builtin import SUBJECTS_FILE, resolve_checkpoint
+
     ckpt = cfg.maugen.checkpoint
     path = resolve_checkpoint(ckpt)
     where = ckpt if str(path) == ckpt else f"{ckpt} ({path})"

@@ -215,3 +215,17 @@ def test_a_check_that_cannot_apply_is_a_config_error_and_otherwise_a_recorded_re
     assert again == rec and planned.for_record(again).actor_args() is None
     assert planned.for_record(again).why == PREDATES and planned.for_record(None) is planned
     assert prepare_output(cfg, out, new_build=True)[1]["training_similarity"]["measured"]
+
+
+def test_a_puppet_build_plans_without_importing_torch():
+    """The plan is made in the driver before any shard: for the puppet generator it must not import
+    pipelines.maugen (torch and diffusers: seconds of every puppet build's start)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from factory.config import load_config; from factory.leakage import plan_leakage; "
+        "p = plan_leakage(load_config(None, ['generator=puppet'])); print(p.measured, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"], out
