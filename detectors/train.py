@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -262,42 +263,74 @@ def evaluate_au(spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE) -> 
 # Realism discriminator
 
 
+@dataclass
+class RealDomain:
+    """The real domain of `train_realism`: real photos against a generator's outputs, each side already
+    split by the caller (`factory detectors train realism --real DIR --fake OUT`, factory/realism_sets.py).
+    All uint8 (N, S, S, 3) at the model's input size S."""
+
+    real: np.ndarray  # training photos (label 1)
+    fakes: np.ndarray  # training outputs (label 0)
+    calibration: np.ndarray  # held-out photos the threshold is set on (recipe.real_accepted of them reach 0.5)
+    heldout_real: np.ndarray  # held-out photos the accepted share is measured on (not the calibration ones)
+    heldout_fakes: np.ndarray  # held-out outputs the rejected share is measured on
+    source: dict[str, Any] = field(default_factory=dict)  # where each side came from, for eval.json
+
+
+def _balanced(real: np.ndarray, fakes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) with the smaller side repeated to the larger one's count, so the loss weighs both."""
+    n = max(len(real), len(fakes))
+    pick = [np.resize(np.arange(len(side)), n) for side in (real, fakes)]
+    images = np.concatenate([real[pick[0]], fakes[pick[1]]])
+    return images, np.concatenate([np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)])
+
+
 def train_realism(
     out: str | Path,
     recipe: TrainRecipe = DEFAULT_RECIPE,
     generated: tuple[np.ndarray, np.ndarray] | None = None,
     name: str = "puppet-realism",
+    real: RealDomain | None = None,
 ) -> dict[str, Any]:
     """The realism discriminator. `generated`: (training, held-out) raw outputs of `recipe.generator`,
-    made by the caller (`factory detectors train`, which samples them as a build does)."""
+    made by the caller (`factory detectors train`, which samples them as a build does). `real`: the real
+    domain instead of the puppet one (photos against a build's outputs; the renders, corruptions and
+    `generated` are not used), calibrated on its held-out photos when `recipe.real_accepted` is set."""
     if recipe.generator and generated is None:
         raise ValueError(
             f"realism recipe names generator {recipe.generator!r}: pass its raw outputs (factory detectors train "
             "samples them)"
         )
+    if real is not None and generated is not None:
+        raise ValueError("train_realism: the real domain (`real`) and generated puppet negatives are exclusive")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     t0 = time.time()
-    images, labels, _ = data.realism_set(
-        recipe.train_samples,
-        recipe.train_people,
-        "train",
-        recipe.seed,
-        recipe.image_size,
-        recipe.workers,
-        failures=recipe.failures,
-        fakes=None if generated is None else generated[0],
-    )
-    x_all = to_input(images)
+    if real is None:
+        images, labels, _ = data.realism_set(
+            recipe.train_samples,
+            recipe.train_people,
+            "train",
+            recipe.seed,
+            recipe.image_size,
+            recipe.workers,
+            failures=recipe.failures,
+            fakes=None if generated is None else generated[0],
+        )
+    else:
+        images, labels = _balanced(real.real, real.fakes)
     y_all = torch.from_numpy(labels.astype(np.float32))
     net = RealismNet(image_size=recipe.image_size, width=recipe.width)
 
     def step(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(net(_augment(x_all[idx], g, recipe.noise)), y_all[idx])
+        x = to_input(images[idx.numpy()])  # per batch: 24,000 photos at 512 px stay uint8 in memory
+        return F.binary_cross_entropy_with_logits(net(_augment(x, g, recipe.noise)), y_all[idx])
 
-    _fit(net, [], len(x_all), step, recipe, "realism")
-    calibration = _calibrate_realism(net, recipe) if recipe.real_accepted else None
+    _fit(net, [], len(images), step, recipe, "realism")
+    calibration = None
+    if recipe.real_accepted:
+        calibration = _calibrate_realism(net, recipe, None if real is None else real.calibration)
     net.save_pretrained(out / "torch")
     export_onnx(_RealismExport(net), out / "model.onnx", ["realism"], recipe.image_size)
     write_spec(
@@ -312,7 +345,13 @@ def train_realism(
             "torch_weights": "torch",
         },
     )
-    report = evaluate_realism(out / "spec.yaml", recipe, None if generated is None else generated[1])
+    if real is None:
+        report = evaluate_realism(out / "spec.yaml", recipe, None if generated is None else generated[1])
+    else:
+        report = evaluate_realism(out / "spec.yaml", recipe, heldout=(real.heldout_real, real.heldout_fakes))
+        h = report["heldout"]
+        h |= {"real_photos": len(real.heldout_real), "fakes": len(real.heldout_fakes), "fakes_rejected": h["negatives_rejected"]}
+        report["trained_on"] = {"real_photos": len(real.real), "fakes": len(real.fakes)} | real.source
     report |= {"params": sum(p.numel() for p in net.parameters()), "train_seconds": time.time() - t0}
     if calibration is not None:
         report["calibration"] = calibration
@@ -321,42 +360,58 @@ def train_realism(
     return report
 
 
-def _calibrate_realism(net: RealismNet, recipe: TrainRecipe) -> dict[str, Any]:
-    """Shift the logit so that `recipe.real_accepted` of clean renders of unseen identities score >= 0.5.
+def _calibrate_realism(net: RealismNet, recipe: TrainRecipe, photos: np.ndarray | None = None) -> dict[str, Any]:
+    """Shift the logit so that `recipe.real_accepted` of clean renders of unseen identities score >= 0.5
+    (`photos`: of these held-out real photos instead, the real domain's calibration set).
 
     The calibration renders are their own draw (heldout identities, seed + 1000), not the eval set, so the
-    reported acceptance of clean renders is measured, not set. A person accepts a clean render; so 0.5 means
-    "as plausible as the least plausible renders we keep", not whatever the loss's balance left."""
-    cal = data.au_set(
-        max(1000, recipe.heldout_samples // 2), recipe.heldout_people, "heldout", recipe.seed + 1000, recipe.image_size,
-        recipe.workers,
-    )  # fmt: skip
+    reported acceptance of clean renders is measured, not set (the real domain's calibration photos are
+    likewise not its held-out eval photos). A person accepts a clean render; so 0.5 means "as plausible as
+    the least plausible renders we keep", not whatever the loss's balance left."""
+    what = "photos"
+    if photos is None:
+        what = "renders"
+        photos = data.au_set(
+            max(1000, recipe.heldout_samples // 2), recipe.heldout_people, "heldout", recipe.seed + 1000,
+            recipe.image_size, recipe.workers,
+        ).images  # fmt: skip
     net.eval()
     with torch.no_grad():
-        logits = torch.cat([net(to_input(cal.images[a : a + 256])) for a in range(0, len(cal.images), 256)])
+        logits = torch.cat([net(to_input(photos[a : a + 256])) for a in range(0, len(photos), 256)])
     cut = float(torch.quantile(logits, 1.0 - float(recipe.real_accepted)))
     head = net.head[-1]
     with torch.no_grad():
         head.bias -= cut
-    return {"renders": len(cal.images), "real_accepted": recipe.real_accepted, "logit_shift": round(-cut, 4)}
+    return {what: len(photos), "real_accepted": recipe.real_accepted, "logit_shift": round(-cut, 4)}
 
 
 def evaluate_realism(
-    spec_path: str | Path, recipe: TrainRecipe = DEFAULT_RECIPE, generated: np.ndarray | None = None
+    spec_path: str | Path,
+    recipe: TrainRecipe = DEFAULT_RECIPE,
+    generated: np.ndarray | None = None,
+    heldout: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
+    """Held-out rejection rates through ONNX Runtime: on puppet renders and their negatives (plus
+    `generated`), or on `heldout` = (real photos, a generator's outputs), the real domain's."""
     from .metrics import roc_auc
     from .realism import OnnxRealism
 
-    images, labels, kinds = data.realism_set(
-        recipe.heldout_samples,
-        recipe.heldout_people,
-        "heldout",
-        recipe.seed,
-        recipe.image_size,
-        recipe.workers,
-        failures=recipe.failures,
-        fakes=generated,
-    )
+    if heldout is None:
+        images, labels, kinds = data.realism_set(
+            recipe.heldout_samples,
+            recipe.heldout_people,
+            "heldout",
+            recipe.seed,
+            recipe.image_size,
+            recipe.workers,
+            failures=recipe.failures,
+            fakes=generated,
+        )
+    else:
+        real, fakes = heldout
+        images = np.concatenate([real, fakes])
+        labels = np.concatenate([np.ones(len(real), dtype=np.int64), np.zeros(len(fakes), dtype=np.int64)])
+        kinds = np.concatenate([np.full(len(real), -1), np.full(len(fakes), data.ALL_KINDS.index("generated"))])
     model = OnnxRealism(str(spec_path), batch_size=256)
     scores = model.score(images)
     thr = model.default_threshold
@@ -369,7 +424,7 @@ def evaluate_realism(
     return {
         "heldout": {
             "samples": len(images),
-            "people": recipe.heldout_people,
+            "people": recipe.heldout_people if heldout is None else None,
             "roc_auc": round(roc_auc(labels, scores), 5),
             "threshold": thr,
             "real_accepted": round(float((scores[real] >= thr).mean()), 4),

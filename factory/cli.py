@@ -429,9 +429,38 @@ def detectors_train(
     generated_cache: Annotated[
         str, typer.Option(help="realism-gen: where sampled batches are kept, so an interrupted run resumes its sampling")
     ] = "runs/generated-cache",
+    real: Annotated[
+        Optional[str],
+        typer.Option(
+            help="realism on the real domain: an identity pool of real face photos (folder, parquet or webdataset "
+            "shards, local or s3://), the positives; needs --fake"
+        ),
+    ] = None,
+    fake: Annotated[
+        Optional[str],
+        typer.Option(
+            help="realism on the real domain: a factory build output (local or s3://) whose images (committed shards "
+            "and rejected/ tars) are the negatives, at its image size; a build with --set detect.realism=null gives "
+            "the generator's raw outputs. Needs --real"
+        ),
+    ] = None,
+    model_name: Annotated[
+        str, typer.Option("--name", help="with --real: the folder under --out and the spec's name")
+    ] = "realism-real",
+    holdout: Annotated[
+        float,
+        typer.Option(
+            help="with --real: share of the photos and of the build's images held out (half of the held-out photos "
+            "set the threshold, the rest and the held-out images are the eval)"
+        ),
+    ] = 0.2,
+    real_accepted: Annotated[
+        float, typer.Option(help="with --real: share of held-out real photos that score >= 0.5 (the threshold)")
+    ] = 0.98,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Train on puppet renders, export to ONNX, write the spec and held-out eval.json."""
+    """Train on puppet renders (or, realism with --real/--fake, real photos against a build's outputs),
+    export to ONNX, write the spec and held-out eval.json."""
     _setup_logging(verbose)
     from pydantic import ValidationError
 
@@ -440,6 +469,12 @@ def detectors_train(
     names = list(DEFAULT_MODELS) if name == "all" else [name]
     if any(n not in DEFAULT_MODELS for n in names):
         _fail(f"unknown model {name!r}; allowed: {', '.join(DEFAULT_MODELS)}, all")
+    if real is not None or fake is not None:
+        _detectors_train_real(
+            name, real, fake, out, model_name, holdout, real_accepted,
+            {"epochs": epochs, "train_samples": train_samples, "seed": seed, "generator": generator},
+        )  # fmt: skip
+        return
     given = {
         "epochs": epochs,
         "train_samples": train_samples,
@@ -478,6 +513,47 @@ def detectors_train(
             _fail(f"detectors train: --generator/--generated-samples are for realism-gen, not {n}")
         rep = train_one(n, out, recipe, generated)
         typer.echo(json.dumps({"model": n, "heldout": rep["heldout"]}, indent=1, default=float))
+
+
+def _detectors_train_real(
+    name: str,
+    real: str | None,
+    fake: str | None,
+    out: str,
+    model_name: str,
+    holdout: float,
+    real_accepted: float,
+    given: dict[str, object],
+) -> None:
+    """`factory detectors train realism --real DIR --fake OUT`: realism's recipe on the real domain
+    (factory/realism_sets.py reads and splits both sides), at the build's image size, into OUT/NAME."""
+    from pydantic import ValidationError
+
+    from detectors.train import recipe_for, train_realism
+
+    from .realism_sets import RealismDataError, real_domain
+
+    if name != "realism":
+        _fail(f"detectors train {name}: --real/--fake train the realism discriminator; run `factory detectors train realism --real DIR --fake OUT`")
+    if real is None or fake is None:
+        missing, have = ("--fake", f"--real {real}") if fake is None else ("--real", f"--fake {fake}")
+        _fail(f"detectors train realism: {have} needs {missing} too (--real: a folder/parquet/webdataset of real face photos; --fake: a factory build output)")
+    if given.get("generator") is not None:
+        _fail("detectors train realism: --generator is for puppet renders (realism-gen); with --real the negatives are --fake's images")
+    if not 0.0 < holdout < 1.0:
+        _fail(f"detectors train realism: --holdout {holdout:g} must be between 0 and 1 (a share of the photos)")
+    overrides = {k: v for k, v in given.items() if v is not None and k != "generator"} | {"real_accepted": real_accepted}
+    try:
+        recipe = recipe_for("realism", overrides)
+    except ValidationError as err:
+        _fail(f"detectors train: {err.errors()[0]['loc'][0]}: {err.errors()[0]['msg']}")
+    try:
+        domain, size = real_domain(real, fake, holdout, recipe.train_samples, recipe.seed)
+    except RealismDataError as err:
+        _fail(f"detectors train realism: {err}")
+    recipe = recipe.model_validate(recipe.model_dump() | {"image_size": size})
+    rep = train_realism(f"{out.rstrip('/')}/{model_name}", recipe, name=model_name, real=domain)
+    typer.echo(json.dumps({"model": model_name, "heldout": rep["heldout"]}, indent=1, default=float))
 
 
 #: Commands that read parquet through Arrow and start nothing that needs a clean shutdown (no Ray).
