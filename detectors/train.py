@@ -11,6 +11,9 @@
                                  evaluator, trained on the `evaluator` split's own identities and seed;
                                  nothing in MAUGen's training or a build's filters uses them
 
+`factory detectors train realism --real DIR --fake OUT` trains `realism`'s recipe on the real domain
+instead (`RealDomain`: a pool's photos against a build's images, read by factory/realism_sets.py).
+
 Each lands in its own folder: `model.onnx` (what the factory runs), `spec.yaml` (how to run it,
 with the file's sha256), `torch/` (diffusers-style weights for parity tests, benchmarks and the
 identity loss) and `eval.json` (held-out numbers on identities the model never saw).

@@ -482,3 +482,56 @@ def test_a_bad_pool_stops_the_build_with_one_line_naming_the_file(real):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "hal.jpg" in lines[0] and "age_group='teen'" in lines[0], p.stderr
     assert not (real.tmp / "bad-out").exists()
+
+
+def test_realism_trained_on_the_photo_pool_against_the_build(real):
+    """`factory detectors train realism --real POOL --fake OUT` (one epoch): a spec the panel runs as its
+    realism model, at the build's size, with held-out numbers; each bad input is one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from detectors.panel import DetectorPanel
+    from factory.cli import app
+
+    runner = CliRunner()
+    models = real.tmp / "realism-models"
+
+    def train(*args: str):
+        return runner.invoke(app, ["detectors", "train", *args])
+
+    res = train(
+        "realism", "--real", str(real.pool), "--fake", str(real.out), "--out", str(models), "--name", "toy-realism",
+        "--epochs", "1", "--holdout", "0.5",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    spec = models / "toy-realism" / "spec.yaml"
+    panel = DetectorPanel(["builtin:au-cnn"], 1, realism=str(spec))
+    assert panel.realism is not None and panel.realism.spec.task == "realism"
+    assert panel.realism.spec.input.size == SIZE  # the build's image size
+    assert panel.realism.score(np.zeros((2, SIZE, SIZE, 3), np.uint8)).shape == (2,)
+    rep = json.loads((models / "toy-realism" / "eval.json").read_text())
+    held = rep["heldout"]
+    assert held["real_photos"] == 2 and held["fakes"] >= 1  # 8 photos: 4 held out, 2 of them calibrate
+    assert 0 <= held["real_accepted"] <= 1 and 0 <= held["fakes_rejected"] <= 1
+    assert rep["calibration"] == {"photos": 2, "real_accepted": 0.98, "logit_shift": rep["calibration"]["logit_shift"]}
+    assert rep["trained_on"]["real"] == str(real.pool) and rep["trained_on"]["fakes_read"]["accepted"] == 6
+
+    empty, no_samples = real.tmp / "no-photos", real.tmp / "no-samples"
+    empty.mkdir()
+    no_samples.mkdir()
+    shutil.copy(real.out / "build.json", no_samples / "build.json")
+    pool, out = str(real.pool), str(real.out)
+    bad = [
+        (["realism", "--real", str(real.tmp / "nope"), "--fake", out], "does not exist"),
+        (["realism", "--real", str(empty), "--fake", out], "holds no exemplars"),
+        (["realism", "--real", pool, "--fake", pool], "has no build.json"),
+        (["realism", "--real", pool, "--fake", str(no_samples)], "has no sample images"),
+        (["realism", "--real", pool], "needs --fake"),
+        (["realism", "--fake", out], "needs --real"),
+        (["au-cnn", "--real", pool, "--fake", out], "train the realism discriminator"),
+        (["realism", "--real", pool, "--fake", out, "--holdout", "0.1"], "too few to hold out"),
+    ]
+    for args, why in bad:
+        res = train(*args, "--out", str(models))
+        assert res.exit_code == 2, (args, res.output)
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and why in lines[0] and "Traceback" not in res.output, (args, res.output)
