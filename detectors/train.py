@@ -288,6 +288,18 @@ def _balanced(real: np.ndarray, fakes: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return images, np.concatenate([np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)])
 
 
+def _puppet_realism_set(
+    recipe: TrainRecipe, split: Literal["train", "heldout"], fakes: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The puppet domain's realism set of `split` (data.realism_set at the recipe's sizes)."""
+    n, people = (recipe.train_samples, recipe.train_people) if split == "train" else (
+        recipe.heldout_samples, recipe.heldout_people
+    )  # fmt: skip
+    return data.realism_set(
+        n, people, split, recipe.seed, recipe.image_size, recipe.workers, failures=recipe.failures, fakes=fakes
+    )
+
+
 def train_realism(
     out: str | Path,
     recipe: TrainRecipe = DEFAULT_RECIPE,
@@ -311,16 +323,7 @@ def train_realism(
     torch.manual_seed(recipe.seed)
     t0 = time.time()
     if real is None:
-        images, labels, _ = data.realism_set(
-            recipe.train_samples,
-            recipe.train_people,
-            "train",
-            recipe.seed,
-            recipe.image_size,
-            recipe.workers,
-            failures=recipe.failures,
-            fakes=None if generated is None else generated[0],
-        )
+        images, labels, _ = _puppet_realism_set(recipe, "train", None if generated is None else generated[0])
     else:
         images, labels = _balanced(real.real, real.fakes)
     y_all = torch.from_numpy(labels.astype(np.float32))
@@ -353,7 +356,8 @@ def train_realism(
     else:
         report = evaluate_realism(out / "spec.yaml", recipe, heldout=(real.heldout_real, real.heldout_fakes))
         h = report["heldout"]
-        h |= {"real_photos": len(real.heldout_real), "fakes": len(real.heldout_fakes), "fakes_rejected": h["negatives_rejected"]}
+        h |= {"real_photos": len(real.heldout_real), "fakes": len(real.heldout_fakes)}
+        h["fakes_rejected"] = h["negatives_rejected"]
         report["trained_on"] = {"real_photos": len(real.real), "fakes": len(real.fakes)} | real.source
     report |= {"params": sum(p.numel() for p in net.parameters()), "train_seconds": time.time() - t0}
     if calibration is not None:
@@ -400,16 +404,7 @@ def evaluate_realism(
     from .realism import OnnxRealism
 
     if heldout is None:
-        images, labels, kinds = data.realism_set(
-            recipe.heldout_samples,
-            recipe.heldout_people,
-            "heldout",
-            recipe.seed,
-            recipe.image_size,
-            recipe.workers,
-            failures=recipe.failures,
-            fakes=generated,
-        )
+        images, labels, kinds = _puppet_realism_set(recipe, "heldout", generated)
     else:
         real, fakes = heldout
         images = np.concatenate([real, fakes])

@@ -534,15 +534,25 @@ def _detectors_train_real(
     from .realism_sets import RealismDataError, real_domain
 
     if name != "realism":
-        _fail(f"detectors train {name}: --real/--fake train the realism discriminator; run `factory detectors train realism --real DIR --fake OUT`")
+        _fail(
+            f"detectors train {name}: --real/--fake train the realism discriminator; run `factory detectors train "
+            "realism --real DIR --fake OUT`"
+        )
     if real is None or fake is None:
         missing, have = ("--fake", f"--real {real}") if fake is None else ("--real", f"--fake {fake}")
-        _fail(f"detectors train realism: {have} needs {missing} too (--real: a folder/parquet/webdataset of real face photos; --fake: a factory build output)")
+        _fail(
+            f"detectors train realism: {have} needs {missing} too (--real: a folder/parquet/webdataset of real face "
+            "photos; --fake: a factory build output)"
+        )
     if given.get("generator") is not None:
-        _fail("detectors train realism: --generator is for puppet renders (realism-gen); with --real the negatives are --fake's images")
+        _fail(
+            "detectors train realism: --generator is for puppet renders (realism-gen); with --real the negatives are "
+            "--fake's images"
+        )
     if not 0.0 < holdout < 1.0:
         _fail(f"detectors train realism: --holdout {holdout:g} must be between 0 and 1 (a share of the photos)")
-    overrides = {k: v for k, v in given.items() if v is not None and k != "generator"} | {"real_accepted": real_accepted}
+    overrides = {k: v for k, v in given.items() if v is not None and k != "generator"}
+    overrides["real_accepted"] = real_accepted
     try:
         recipe = recipe_for("realism", overrides)
     except ValidationError as err:

@@ -59,7 +59,8 @@ def build_images(out: str, cap: int) -> tuple[np.ndarray, dict[str, int]]:
     counts = {"accepted": 0, "rejected": 0}
     size: int | None = None
     paths = [("accepted", b.layout.tar(n)) for n in names]
-    paths += [("rejected", b.layout.rejected_tar(n)) for n in names if (b.state.committed[n].get("files") or {}).get("rejected")]
+    kept = [n for n in names if (b.state.committed[n].get("files") or {}).get("rejected")]
+    paths += [("rejected", b.layout.rejected_tar(n)) for n in kept]
     for which, path in paths:
         for s in _samples(b.layout, path, which):
             if "image" not in s or len(images) >= cap:
@@ -107,7 +108,7 @@ def pool_images(uri: str, size: int, cap: int) -> tuple[np.ndarray, dict[str, in
 def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) indices of range(n) by a seeded permutation; round(n * holdout) held out."""
     perm = np.random.default_rng([seed, n, 20]).permutation(n)
-    k = int(round(n * holdout))
+    k = round(n * holdout)
     return perm[k:], perm[:k]
 
 
@@ -121,8 +122,8 @@ def real_domain(real: str, fake: str, holdout: float, cap: int, seed: int) -> tu
     f_train, f_held = _split(len(fakes), holdout, seed + 1)
     if len(r_held) < 2 or len(r_train) < 1:
         raise RealismDataError(
-            f"--real {real}: {len(photos)} readable photos are too few to hold out {holdout:g} of them for the threshold "
-            "and the eval (at least 2 held out and 1 to train on); add photos or change --holdout"
+            f"--real {real}: {len(photos)} readable photos are too few to hold out {holdout:g} of them for the "
+            "threshold and the eval (at least 2 held out and 1 to train on); add photos or change --holdout"
         )
     if len(f_held) < 1 or len(f_train) < 1:
         raise RealismDataError(
