@@ -63,7 +63,9 @@ def build_images(out: str, cap: int) -> tuple[np.ndarray, dict[str, int]]:
     paths += [("rejected", b.layout.rejected_tar(n)) for n in kept]
     for which, path in paths:
         for s in _samples(b.layout, path, which):
-            if "image" not in s or len(images) >= cap:
+            if len(images) >= cap:
+                break
+            if "image" not in s:  # a rejected candidate that was never generated
                 continue
             if size is None:  # the build's size: every image of a build has it
                 with Image.open(io.BytesIO(s["image"])) as im:
