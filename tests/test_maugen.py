@@ -766,6 +766,7 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_flagged(pipe):
         core.encode_prompt(pipe.tokenizer, pipe.text_encoder, ["a clear smile"], "cpu")
 
 
+@pytest.mark.slow  # two processes, each importing torch and training: 13 s of the default suite
 def test_two_training_processes_draw_their_own_noise_and_stay_in_step(tmp_path):
     """Each process draws its own noise and condition dropout (so some parameters get no gradient on
     one process and do on the other); the gradient all-reduce must still keep the weights identical."""
