@@ -4,7 +4,8 @@
 A diffusers-style `ModelMixin, ConfigMixin` model, so `save_pretrained` / `from_pretrained` round-trip
 it and a MAUGen checkpoint's model_index.json names it `["core.identity_net", "IdentityNet"]`. The
 real-domain encoder, ArcFace's IResNet, is core/iresnet.py; `load_identity_encoder` loads either.
-The two are the only modules of core/ that import torch: `import core.facs` stays numpy-only.
+These two and core/resize.py are the only modules of core/ that import torch: `import core.facs`
+stays numpy-only.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ feature, which `forward` L2-normalises as IdentityNet does.
 
 `forward` takes MAUGen's images, RGB in [-1, 1] at the model's `image_size`, and re-normalises them with the
 config's `mean`/`std`/`channel_order` (the spec's `input:`); for arcface_torch's (0.5, 0.5, RGB) that is the
-identity. Resizing and cropping to 112 is the caller's (`pipelines.maugen.core.identity_input`, which reads
-`image_size` and `resize` from the config), bilinear and differentiable, as the ONNX runtime pre-processes.
+identity. Resizing and cropping to 112 is the caller's (`pipelines.maugen.core.embed_identity` reads
+`image_size` and `resize` from the config), bilinear and differentiable, by core.resize.resize_crop as the
+ONNX runtime pre-processes.
 
 A diffusers `ModelMixin, ConfigMixin`, so a MAUGen checkpoint saves and reloads it as its `identity_encoder`
 component (`["core.iresnet", "IResNet"]` in model_index.json); `load_iresnet` builds one from a `.pth`.
@@ -160,7 +161,10 @@ def load_iresnet(path: str | Path, arch: str, **config) -> IResNet:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         guess = guess_arch(state)
-        hint = f"it looks like {guess}: set torch_arch: {guess}" if guess else f"is it an IResNet? {fix}"
+        if guess and guess != arch:
+            hint = f"its layers fit {guess}: set torch_arch: {guess}"
+        else:
+            hint = f"is it an arcface_torch IResNet? {fix}"
         detail = str(err).strip().splitlines()[1:2] or [""]
         raise CheckpointError(
             f"identity encoder checkpoint {p} does not fit torch_arch {arch} ({detail[0].strip()[:160]}); {hint}"

@@ -11,6 +11,11 @@ factory needs nothing else. Example (an ME-GraphAU export covering DISFA's 8 AUs
     aus: [1, 2, 4, 6, 9, 12, 25, 26]  # order of the output columns
     outputs:
       - {kind: probability}           # occurrence probability, >= 0.5 means present
+
+An identity spec may also name the same network's torch weights, which MAUGen loads for C_ID and its identity
+loss (`model.identity_encoder`): a diffusers-style folder (`torch_weights: torch`, the builtin IdentityNet), or
+insightface arcface_torch's `backbone.pth` with its architecture (`torch_weights: arcface-iresnet50.pth` and
+`torch_arch: iresnet50`, core/iresnet.py; see detectors/specs/arcface-iresnet50.yaml).
 """
 
 from __future__ import annotations

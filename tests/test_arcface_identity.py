@@ -184,7 +184,7 @@ def test_bad_checkpoint_or_arch_is_one_line_naming_the_file_and_the_fix(arcface,
     with pytest.raises(CheckpointError) as err:
         torch_identity_encoder(str(_spec(folder, pth="corrupt.pth")))
     msg = _one_line(err)
-    assert str(bad) in msg and "corrupt" in msg and "backbone.pth" in msg
+    assert bad.name in msg and "corrupt" in msg and "backbone.pth" in msg
 
     with pytest.raises(CheckpointError) as err:  # an IResNet-18 checkpoint named as an IResNet-50
         torch_identity_encoder(str(_spec(folder, arch="iresnet50")))

@@ -24,7 +24,7 @@ from diffusers import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.identity_net import IdentityNet, load_identity_encoder  # noqa: F401 - load_identity_encoder: re-exported
+from core.identity_net import IdentityNet, load_identity_encoder
 
 from . import core
 from .pipeline import AU_TEXTS, MAUGenPipeline

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.resize import resize_crop
+
 from .conditioning import MAUGenConditioner
 from .label_decoder import ConditionalLabelDecoder, LabelOutput
 
@@ -96,31 +98,13 @@ def encode_prompt(
     return tokens, enc.attention_mask.to(device).bool()
 
 
-def identity_input(images: torch.Tensor, size: int, resize: int | None = None) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> the identity encoder's input (same normalisation, its size): as an ONNX
-    spec's pre-processing (detectors/runtime.py), the shorter side resized to `resize` (default `size`),
-    bilinear with antialiasing, then a centre `size` crop; differentiable, for the identity loss."""
-    target = resize or size
-    h, w = images.shape[-2:]
-    if min(h, w) != target:
-        s = target / min(h, w)
-        images = F.interpolate(
-            images, size=(round(h * s), round(w * s)), mode="bilinear", align_corners=False, antialias=True
-        )
-    h, w = images.shape[-2:]
-    if h != size or w != size:
-        top, left = (h - size) // 2, (w - size) // 2
-        images = images[:, :, top : top + size, left : left + size]
-    return images
-
-
 def embed_identity(identity_encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised identity embeddings of images in [-1, 1] (resized/cropped to the encoder's config
-    `image_size`, after `resize` where the config has one, as ArcFace's IResNet from a spec may)."""
+    """L2-normalised identity embeddings of images in [-1, 1], resized to the encoder's config `image_size`
+    (the shorter side to its `resize` first and centre-cropped, where the config has one: an IResNet from a spec)."""
     cfg = identity_encoder.config
     size = int(cfg.image_size)
     p = next(identity_encoder.parameters())
-    x = identity_input(images, size, cfg.get("resize"))
+    x = resize_crop(images, size, cfg.get("resize"))  # as the ONNX runtime resizes, differentiably
     return F.normalize(identity_encoder(x.to(p.dtype)).float(), dim=-1)
 
 
