@@ -50,8 +50,7 @@ def torch_weights(ref: str, task: Task) -> Path:
     if not found:
         what = f"{spec.spec.torch_arch} checkpoint (.pth)" if spec.spec.torch_arch else "weights folder"
         raise FileNotFoundError(
-            f"{task} model {ref}: its torch weights are needed (spec key torch_weights), "
-            f"found no {what} at {path}"
+            f"{task} model {ref}: its torch weights are needed (spec key torch_weights), found no {what} at {path}"
         )
     return path
 

@@ -205,9 +205,7 @@ def make_scheduler(cfg: MAUGenConfig):
     )
 
 
-def build_pipeline(
-    cfg: MAUGenConfig, identity_weights: str | Path | torch.nn.Module, seed: int = 0
-) -> MAUGenPipeline:
+def build_pipeline(cfg: MAUGenConfig, identity_weights: str | Path | torch.nn.Module, seed: int = 0) -> MAUGenPipeline:
     """A fresh MAUGen: the tiny from-scratch model, or SD weights + fresh MAUGen parts.
 
     `identity_weights` is `cfg.identity_encoder` resolved by the caller: the loaded, frozen encoder
