@@ -220,21 +220,13 @@ def test_shipped_specs_load_and_name_the_checkpoint_to_download():
 
 @pytest.mark.slow  # 4 s: a micro MAUGen and a 100 MB encoder saved and loaded twice
 def test_maugen_carries_the_iresnet_through_a_checkpoint(arcface, tmp_path):
+    from test_maugen import MICRO
+
     from pipelines.maugen import MAUGenPipeline
     from pipelines.maugen.build import MAUGenConfig, build_pipeline, load_identity_encoder
 
     spec, _ = arcface
-    micro = {
-        "block_out_channels": (16, 32, 32, 48),
-        "attention_levels": (False, False, False, True),
-        "cross_attention_dim": 32,
-        "text_hidden": 32,
-        "head_hidden": 32,
-        "label_layers": (0, 1),
-        "tokens_per_side": 4,
-        "patch_size": 2,
-    }
-    pipe = build_pipeline(MAUGenConfig(**micro), torch_identity_encoder(str(spec)), seed=0)
+    pipe = build_pipeline(MAUGenConfig(**MICRO, patch_size=2), torch_identity_encoder(str(spec)), seed=0)
     assert isinstance(pipe.identity_encoder, IResNet)
     x = _to_unit(_faces(64, n=2))
     with torch.no_grad():
