@@ -295,24 +295,27 @@ def start_model_actors(
     # every model is waited for before any error is raised, so a user with two broken models learns of both
     failed: list[str] = []
     if detectors:
-        try:
-            described = ray.get([d.describe.remote() for d in detectors])
-            errors = [x["load_error"] for x in described if "load_error" in x]
-        except ray.exceptions.RayActorError as err:
-            errors = [actor_cause(err)]
-        if errors:
-            failed.append(f"the detector actors could not load their models: {errors[0]}")
-    infos: list[dict[str, Any]] = []
-    try:
-        infos = ray.get([a.info.remote() for a in generators])
-        errors = [x["load_error"] for x in infos if "load_error" in x]
-    except ray.exceptions.RayActorError as err:
-        errors = [actor_cause(err)]
-    if errors:
-        failed.append(f"the generator actors could not load their model: {errors[0]}")
+        _, error = _await_loaded([d.describe.remote() for d in detectors])
+        if error:
+            failed.append(f"the detector actors could not load their models: {error}")
+    infos, error = _await_loaded([a.info.remote() for a in generators])
+    if error:
+        failed.append(f"the generator actors could not load their model: {error}")
     if failed:
         raise ModelLoadError("\n".join(failed))
     return generators, detectors, infos[0]
+
+
+def _await_loaded(calls: list[Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """The replies of model actors' describe()/info() calls, and the first load error among them (an
+    actor that died loading counts, by its cause)."""
+    import ray
+
+    try:
+        replies = ray.get(calls)
+    except ray.exceptions.RayActorError as err:
+        return [], actor_cause(err)
+    return replies, next((x["load_error"] for x in replies if "load_error" in x), None)
 
 
 def actor_cause(err: BaseException) -> str:

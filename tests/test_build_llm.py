@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import webdataset as wds
@@ -17,11 +18,12 @@ def server():
         yield s
 
 
-def _llm_args(server: FakeOpenAIServer, out) -> list[str]:
+def _llm_args(server: FakeOpenAIServer | str, out) -> list[str]:
+    base_url = server if isinstance(server, str) else server.base_url
     return [
         "--target", "60", "--shard-size", "30", "--out", str(out), *FAST,
         "--set", "expand.backend=llm",
-        "--set", f"expand.llm.base_url={server.base_url}",
+        "--set", f"expand.llm.base_url={base_url}",
         "--set", "expand.llm.model=test-model",
         "--set", "expand.llm.backoff_base_s=0.01",
     ]  # fmt: skip
@@ -61,14 +63,17 @@ def test_llm_server_down_stops_the_build_and_a_resume_may_accept_the_grammar(tmp
     """Nothing listens at base_url: the preflight only warns (a server may come back), every prompt
     falls back, and past expand.max_fallback_share the build stops in one line, exit 4. A resume
     that accepts fallbacks (expand.max_fallback_share=1) completes the corpus from the grammar."""
-    with FakeOpenAIServer() as s:
-        args = _llm_args(s, tmp_path / "out")
-    # the server is stopped now: nothing listens on its port
-    p = factory("build", *args, "--set", "expand.llm.max_retries=0", "--set", "runtime.max_shards_in_flight=1")
+    # A port held by a bound socket that never listens: connections are refused for the whole test.
+    # (Stopping a server and reusing its port is racy: Ray's own processes may bind it meanwhile.)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
+        args = _llm_args(base_url, tmp_path / "out")
+        p = factory("build", *args, "--set", "expand.llm.max_retries=0", "--set", "runtime.max_shards_in_flight=1")
     assert p.returncode == 4, p.stderr[-3000:]
     line = p.stderr.strip().splitlines()[-1]
     assert line.startswith("build stopped: 100% of ") and "fell back to the grammar (connection x" in line, line
-    assert f"at {s.base_url}; 1/2 shards committed and kept" in line and "Traceback" not in p.stderr, line
+    assert f"at {base_url}; 1/2 shards committed and kept" in line and "Traceback" not in p.stderr, line
     p = factory("resume", str(tmp_path / "out"), *SMALL_RAY, "--set", "expand.max_fallback_share=1")
     assert p.returncode == 0, p.stderr[-3000:]
     metas = [

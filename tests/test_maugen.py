@@ -453,7 +453,8 @@ def test_train_logs_every_term_checkpoints_and_resumes(tmp_path):
     half = tmp_path / "run" / "checkpoints" / "step-0000003"
     shutil.copytree(cks[0], half)
     (half / "COMPLETE").unlink()
-    tr2 = Trainer(TrainConfig(**base, steps=4), dataset=ds)
+    # stop_at ends the run early on the schedule of `steps` (how a shipped mid-run checkpoint is rebuilt)
+    tr2 = Trainer(TrainConfig(**base, steps=6, stop_at=4), dataset=ds)
     assert tr2.resume() and tr2.step == 2
     assert tr2._consensus_cache and tr2._consensus_cache.keys() == tr._consensus_cache.keys()
     # cached detector consensus belongs to its images and voters: other data drops it on resume
@@ -465,7 +466,7 @@ def test_train_logs_every_term_checkpoints_and_resumes(tmp_path):
     tr2.step = 0
     final = tr2.fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and tr2.step == 4
     assert (final / "model_index.json").is_file()
     assert MAUGenPipeline.from_pretrained(final).label_decoder.config.label_layers == [0, 1]
 
@@ -501,6 +502,8 @@ def test_train_config_errors_name_the_key(tmp_path):
         load_train_config(None, ["losses.cfg_dropout=2"])
     with pytest.raises(ValueError, match="model.nonsense"):
         load_train_config(None, ["model.nonsense=1"])
+    with pytest.raises(ValueError, match="stop_at=9 is past steps=5: raise steps or lower stop_at"):
+        load_train_config(None, ["steps=5", "stop_at=9"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [1, 2\n")
     with pytest.raises(ValueError, match="not valid YAML"):

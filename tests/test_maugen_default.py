@@ -33,12 +33,12 @@ from pipelines.prompts.targets import random_requests
 from pipelines.puppet import PuppetRenderer
 from pipelines.puppet.data import identities
 
-RECIPE = ROOT / BUILTIN_CHECKPOINTS["tiny-puppet"]
+RECIPES = BUILTIN_CHECKPOINTS["tiny-puppet"]
 #: Floors under the shipped weights' held-out numbers (regression guards; issue 6 aims at 0.90).
-LABEL_F1_BAR = 0.63  # measured 0.711 (48 held-out samples, these seeds, the build's sampling); 0.693 with DDIM 25
-TARGET_F1_BAR = 0.63  # measured 0.702; 0.699 with DDIM 25 (0.642 at step 16,000, 0.563 at 10,000)
-REALISM_BAR = 0.65  # measured 0.77; 0.77 with DDIM 25 (0.62 at step 16,000, 0.40 at 10,000)
-INDEPENDENT_F1_BAR = 0.62  # labels vs builtin:eval-au (no training or filter role): measured 0.688 on these 48
+LABEL_F1_BAR = 0.70  # measured 0.739 (48 held-out samples, these seeds, the build's sampling; base weights 0.711)
+TARGET_F1_BAR = 0.70  # measured 0.739 (base weights 0.702)
+REALISM_BAR = 0.65  # measured 0.73 on these 48 (base weights 0.77; on 256 the bench has 0.80 against 0.75)
+INDEPENDENT_F1_BAR = 0.67  # labels vs builtin:eval-au (no training or filter role): measured 0.704 (base 0.688)
 #: The shipped model passes the label-consensus check on about 1 candidate in 5 (all checks: about
 #: 1 in 6), so this 8-sample build lowers that one threshold to stay quick: every stage still runs
 #: (detect, consensus, realism, all checks), only fewer candidates are rejected.
@@ -93,13 +93,19 @@ def test_ema_weights_go_into_saved_pipelines_and_resume(tmp_path):
 
 
 def test_the_shipped_checkpoint_was_trained_by_its_recipe():
+    """Its train_config.yaml is the last stage's recipe, and each stage starts from the one before."""
     cfg = load_config(None, ["generator=maugen"])
     assert cfg.maugen.checkpoint == "builtin:tiny-puppet"
     path = resolve_checkpoint(cfg.maugen.checkpoint)
-    recipe = yaml.safe_load(RECIPE.read_text())
+    stages = [yaml.safe_load((ROOT / r).read_text()) for r in RECIPES]
+    for before, stage in zip(stages, stages[1:]):
+        assert stage["init_from"] == f"{before['out']}/final", stage
+    recipe = stages[-1]
     trained = yaml.safe_load((path / "train_config.yaml").read_text())
     assert trained["model"] | recipe["model"] == trained["model"], "the shipped weights were not trained by the recipe"
-    assert trained["steps"] == recipe["steps"] and trained["data"] | recipe["data"] == trained["data"]
+    assert trained["data"] | recipe["data"] == trained["data"] and trained["losses"] | recipe["losses"] == trained["losses"]
+    for key in ("init_from", "steps", "stop_at", "lr", "warmup", "batch_size", "ema_decay", "seed"):
+        assert trained.get(key) == recipe.get(key, TrainConfig.model_fields[key].default), key
     unet = json.loads((path / "unet" / "config.json").read_text())
     p = recipe["model"]["patch_size"]
     assert unet["sample_size"] * p == recipe["model"]["image_size"] and unet["out_channels"] == 3 * p * p
@@ -208,9 +214,9 @@ def test_a_build_with_the_shipped_maugen_runs_the_whole_graph(tmp_path, monkeypa
     got, values = rep["training_similarity"], np.array(sorted(sims.values()))
     assert got["measured"] and got["samples"] == 8 and got["max"] == pytest.approx(values.max(), abs=1e-4)
     assert got["threshold"] == 0.7496 and got["above_threshold"] == int((values > 0.7496).sum())
-    for q in (50, 90, 99):  # to the report's 0.001 bins, from above
+    for q in (50, 90, 99):  # to the report's 0.001 bins, from above (capped at the max; 4 decimals)
         exact = np.quantile(values, q / 100, method="inverted_cdf")
-        assert -1e-6 <= got["quantiles"][f"p{q}"] - exact <= 0.001 + 1e-6, (q, got["quantiles"], values)
+        assert -5e-5 - 1e-6 <= got["quantiles"][f"p{q}"] - exact <= 0.001 + 1e-6, (q, got["quantiles"], values)
     page = render_html(rep)
     assert 'id="leakage"' in page and "training similarity histogram" in page and "above 0.7496" in page
     print_report(rep)

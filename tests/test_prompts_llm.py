@@ -111,11 +111,11 @@ def test_slow_server_times_out_and_retries(server):
 
 
 def test_server_down_falls_back_for_every_request():
-    with socket.socket() as s:  # a port that nothing listens on
+    with socket.socket() as s:  # a port held bound but never listening: every connection is refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    reqs = _reqs(5)
-    out, stats = _expander(f"http://127.0.0.1:{port}/v1", max_retries=2).expand_batch(reqs)
+        reqs = _reqs(5)
+        out, stats = _expander(f"http://127.0.0.1:{port}/v1", max_retries=2).expand_batch(reqs)
     assert all(e.expander == "grammar" and e.fallback and e.jaccard == 1.0 for e in out)
     assert stats.fallbacks == 5 and stats.errors_by_kind["fallback_connection"] == 5
     assert stats.errors_by_kind["connection"] == 15 and stats.retries == 10

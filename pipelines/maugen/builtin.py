@@ -15,8 +15,21 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 PREFIX = "builtin:"
 #: Beside a saved pipeline: its training subjects' identity embeddings (factory/leakage.py), no photos.
 SUBJECTS_FILE = "training_subjects.npz"
-#: name -> the training recipe that rebuilds it (`factory train --config RECIPE --out runs/NAME`)
-BUILTIN_CHECKPOINTS: dict[str, str] = {"tiny-puppet": "pipelines/maugen/configs/tiny-puppet.yaml"}
+#: name -> the training recipes that rebuild it, run in order (`factory train --config RECIPE`); each
+#: stage's `init_from` is the previous stage's OUT/final, and the last stage's OUT/final is the checkpoint
+BUILTIN_CHECKPOINTS: dict[str, tuple[str, ...]] = {
+    "tiny-puppet": ("pipelines/maugen/configs/tiny-puppet.yaml", "pipelines/maugen/configs/tiny-puppet-reference.yaml")
+}
+
+
+def rebuild_commands(name: str) -> str:
+    """The commands that rebuild built-in checkpoint `name`, joined for one error line."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]  # recipes are repo paths (packaged under pipelines/maugen/configs)
+    stages = BUILTIN_CHECKPOINTS[name]
+    out = yaml.safe_load((root / stages[-1]).read_text())["out"]
+    return "; then ".join(f"`factory train --config {r}`" for r in stages) + f"; and copy {out}/final to {MODELS_DIR / name}"
 
 
 def resolve_checkpoint(ref: str) -> Path:
@@ -34,10 +47,7 @@ def resolve_checkpoint(ref: str) -> Path:
                 f"{', '.join(PREFIX + n for n in BUILTIN_CHECKPOINTS)}"
             )
         path = MODELS_DIR / name
-        fix = (
-            f"rebuild it with `factory train --config {BUILTIN_CHECKPOINTS[name]} --out runs/{name}` "
-            f"and copy runs/{name}/final to {path}"
-        )
+        fix = f"rebuild it with {rebuild_commands(name)}"
     else:
         path = Path(ref).expanduser()
         fix = "train one with `factory train --config ...` and point maugen.checkpoint at OUT/final"

@@ -60,8 +60,7 @@ def set_attention(pipe: Any, backend: str) -> None:
 
         install_mrl_processors(pipe.unet, pipe.conditioner, backend)
     else:
-        attention_processor(backend)  # validates the name
-        pipe.unet.set_attn_processor(ATTENTION[backend]())
+        pipe.unet.set_attn_processor(attention_processor(backend))
 
 
 class _CacheReset:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from pipelines.overrides import apply_override
@@ -123,6 +123,12 @@ class TrainConfig(BaseModel):
         None, description="start from a saved MAUGenPipeline directory instead of fresh weights"
     )
     steps: int = Field(2000, gt=0)
+    stop_at: int | None = Field(
+        None,
+        gt=0,
+        description="end the run at this step (OUT/final holds its weights) while the learning-rate schedule "
+        "still follows `steps`: a run stopped here equals the longer run up to this step",
+    )
     batch_size: int = Field(16, gt=0)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = 0.0
@@ -142,6 +148,12 @@ class TrainConfig(BaseModel):
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+
+    @model_validator(mode="after")
+    def _stop_within_the_schedule(self) -> TrainConfig:
+        if self.stop_at is not None and self.stop_at > self.steps:
+            raise ValueError(f"stop_at={self.stop_at} is past steps={self.steps}: raise steps or lower stop_at")
+        return self
 
 
 def load_train_config(
@@ -532,7 +544,7 @@ class Trainer:
 
     def fit(self, steps: int | None = None) -> Path:
         """Train to `cfg.steps` (resuming from the newest complete checkpoint) and save `OUT/final`."""
-        end = self.cfg.steps if steps is None else steps
+        end = steps if steps is not None else self.cfg.stop_at or self.cfg.steps
         main = self.accelerator.is_main_process
         self.out.mkdir(parents=True, exist_ok=True)
         if main:
