@@ -30,7 +30,7 @@ from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detectors.builtin import torch_weights  # noqa: E402
+from detectors.builtin import torch_identity_encoder  # noqa: E402
 from pipelines.maugen import MAUGenPipeline, core  # noqa: E402
 from pipelines.maugen.build import MAUGenConfig, build_pipeline  # noqa: E402
 from pipelines.puppet import PuppetRenderer  # noqa: E402
@@ -47,7 +47,7 @@ def _pipeline(args) -> MAUGenPipeline:
         key, _, value = item.partition("=")
         model[key.removeprefix("model.")] = yaml.safe_load(value)
     cfg = MAUGenConfig(**model)
-    return build_pipeline(cfg, torch_weights(cfg.identity_encoder, "identity"))
+    return build_pipeline(cfg, torch_identity_encoder(cfg.identity_encoder))
 
 
 def _best(fn, repeats: int) -> float:

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sd_random import write_sd_inpainting  # noqa: E402
 
-from detectors.builtin import torch_weights  # noqa: E402
+from detectors.builtin import torch_identity_encoder  # noqa: E402
 from factory.config import MAUGenGeneratorConfig  # noqa: E402
 from pipelines.maugen import MAUGenPipeline  # noqa: E402
 from pipelines.maugen.pipeline import tapped_sides  # noqa: E402
@@ -91,7 +91,7 @@ def maugen_from_sd(root: Path, model: dict[str, Any] | None = None) -> MAUGenPip
     """MAUGen on the SD folder as `factory train --set model.base=ROOT` builds it (MAUGenConfig's label
     decoder and conditioner sizes, `model` overriding them; MAUGenPipeline.from_stable_diffusion)."""
     cfg = MAUGenConfig(**({"base": str(root)} | (model or {})))
-    maugen = build_pipeline(cfg, torch_weights(cfg.identity_encoder, "identity"))
+    maugen = build_pipeline(cfg, torch_identity_encoder(cfg.identity_encoder))
     set_scheduler(maugen, "dpm")
     return maugen
 

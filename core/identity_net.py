@@ -2,11 +2,16 @@
 (which carries it as its `identity_encoder` component and takes its identity loss through it).
 
 A diffusers-style `ModelMixin, ConfigMixin` model, so `save_pretrained` / `from_pretrained` round-trip
-it and a MAUGen checkpoint's model_index.json names it `["core.identity_net", "IdentityNet"]`. The only
-module of core/ that imports torch: `import core.facs` stays numpy-only.
+it and a MAUGen checkpoint's model_index.json names it `["core.identity_net", "IdentityNet"]`. The
+real-domain encoder, ArcFace's IResNet, is core/iresnet.py; `load_identity_encoder` loads either.
+These two and core/resize.py are the only modules of core/ that import torch: `import core.facs`
+stays numpy-only.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -46,3 +51,28 @@ class IdentityNet(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.backbone(x)), dim=1)
+
+
+def load_identity_encoder(weights: str | Path, arch: str | None = None, **config) -> nn.Module:
+    """The frozen, eval-mode identity encoder from an identity spec's `torch_weights`.
+
+    With `arch` (the spec's `torch_arch`, e.g. iresnet50) `weights` is an arcface_torch `backbone.pth` and
+    `config` the spec's input keys (core.iresnet.load_iresnet); without, a diffusers-format folder of an
+    IdentityNet or IResNet (what a MAUGen checkpoint saves as its `identity_encoder`).
+    """
+    from .iresnet import IResNet, load_iresnet
+
+    path = Path(weights)
+    if arch is not None:
+        return load_iresnet(path, arch, **config)
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        raise FileNotFoundError(
+            f"identity encoder: {path} is a checkpoint file; name its architecture in the spec "
+            "(torch_arch: iresnet50, iresnet100, ...) to load it"
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"identity encoder: {path} is not a saved IdentityNet or IResNet (no config.json)")
+    name = json.loads((path / "config.json").read_text()).get("_class_name")
+    enc = (IResNet if name == "IResNet" else IdentityNet).from_pretrained(path)
+    enc.requires_grad_(False).eval()
+    return enc

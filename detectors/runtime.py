@@ -146,7 +146,8 @@ class OnnxModel:
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, H, W, 3) RGB -> float32 model input, as the spec says."""
         import torch
-        import torch.nn.functional as F
+
+        from core.resize import resize_crop
 
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"{self.name}: images must be (B, H, W, 3) RGB, got shape {images.shape}")
@@ -154,16 +155,7 @@ class OnnxModel:
             raise ValueError(f"{self.name}: images must be uint8 (0-255), got {images.dtype}")
         inp = self.spec.input
         x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float().div_(255.0)
-        resize = inp.resize or inp.size
-        h, w = x.shape[-2:]
-        if min(h, w) != resize:
-            s = resize / min(h, w)
-            x = F.interpolate(
-                x, size=(round(h * s), round(w * s)), mode="bilinear", antialias=True, align_corners=False
-            )
-        h, w = x.shape[-2:]
-        top, left = (h - inp.size) // 2, (w - inp.size) // 2
-        x = x[:, :, top : top + inp.size, left : left + inp.size]
+        x = resize_crop(x, inp.size, inp.resize)
         if inp.channel_order == "BGR":
             x = x.flip(1)
         mean = torch.tensor(inp.mean).view(1, 3, 1, 1)

@@ -11,6 +11,11 @@ factory needs nothing else. Example (an ME-GraphAU export covering DISFA's 8 AUs
     aus: [1, 2, 4, 6, 9, 12, 25, 26]  # order of the output columns
     outputs:
       - {kind: probability}           # occurrence probability, >= 0.5 means present
+
+An identity spec may also name the same network's torch weights, which MAUGen loads for C_ID and its identity
+loss (`model.identity_encoder`): a diffusers-style folder (`torch_weights: torch`, the builtin IdentityNet), or
+insightface arcface_torch's `backbone.pth` with its architecture (`torch_weights: arcface-iresnet50.pth` and
+`torch_arch: iresnet50`, core/iresnet.py; see detectors/specs/arcface-iresnet50.yaml).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.facs import AUS
 
 Task = Literal["au_detector", "realism", "identity"]
+#: arcface_torch IResNets a `torch_arch:` may name (core/iresnet.py)
+TorchArch = Literal["iresnet18", "iresnet34", "iresnet50", "iresnet100"]
 OutputKind = Literal["probability", "logit", "intensity", "embedding"]
 
 
@@ -80,7 +87,14 @@ class ModelSpec(_Strict):
     threshold: float | None = Field(
         None, description="realism: default acceptance threshold; identity: verification threshold"
     )
-    torch_weights: str | None = Field(None, description="optional diffusers-style folder with the torch weights")
+    torch_weights: str | None = Field(
+        None,
+        description="optional torch weights, relative to this file: a diffusers-style folder, or with torch_arch "
+        "a .pth state_dict (MAUGen's identity condition and loss take the identity encoder from here)",
+    )
+    torch_arch: TorchArch | None = Field(
+        None, description="identity: torch_weights is insightface arcface_torch's backbone.pth of this IResNet"
+    )
 
     @model_validator(mode="after")
     def _by_task(self) -> ModelSpec:
@@ -107,6 +121,15 @@ class ModelSpec(_Strict):
             raise ValueError("an identity spec has one output of kind embedding")
         if self.task != "au_detector" and self.aus is not None:
             raise ValueError(f"`aus:` only applies to au_detector specs, not {self.task}")
+        if self.torch_arch is not None:
+            if self.task != "identity":
+                raise ValueError(f"`torch_arch:` only applies to identity specs, not {self.task}")
+            if self.torch_weights is None:
+                raise ValueError("`torch_arch:` names the architecture of `torch_weights:`, which is missing")
+            if self.input.size != 112:
+                raise ValueError(
+                    f"an IResNet (torch_arch {self.torch_arch}) takes 112 x 112 faces: input.size must be 112"
+                )
         return self
 
 

@@ -24,7 +24,7 @@ from diffusers import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.identity_net import IdentityNet
+from core.identity_net import IdentityNet, load_identity_encoder
 
 from . import core
 from .pipeline import AU_TEXTS, MAUGenPipeline
@@ -44,8 +44,9 @@ class MAUGenConfig(BaseModel):
     )
     identity_encoder: str = Field(
         "builtin:identity",
-        description="spec of the identity encoder (torch weights are used); whoever calls build_pipeline resolves "
-        "it to its weights folder (detectors.builtin.torch_weights)",
+        description="spec of the identity encoder (its torch weights are used: an IdentityNet folder, or with the "
+        "spec's torch_arch an ArcFace IResNet backbone.pth); whoever calls build_pipeline loads it "
+        "(detectors.builtin.torch_identity_encoder)",
     )
     # tiny sizes (ignored for an SD base)
     image_size: int = Field(64, ge=16)
@@ -154,20 +155,6 @@ def build_word_tokenizer(texts: list[str], max_length: int = 48):
 # ---------------------------------------------------------------------------- parts
 
 
-def load_identity_encoder(weights: str | Path) -> IdentityNet:
-    """The frozen identity encoder from its torch weights folder (diffusers format).
-
-    The folder is the identity detector spec's `torch_weights`: `detectors.builtin.torch_weights(ref, "identity")`
-    finds it for a spec reference such as `builtin:identity` (pipelines do not import detectors).
-    """
-    path = Path(weights)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"identity encoder: {path} is not a saved IdentityNet (no config.json)")
-    enc = IdentityNet.from_pretrained(path)
-    enc.requires_grad_(False).eval()
-    return enc
-
-
 def tiny_unet(cfg: MAUGenConfig, latent_channels: int, sample_size: int) -> UNet2DConditionModel:
     n = len(cfg.block_out_channels)
     if len(cfg.attention_levels) != n:
@@ -218,13 +205,18 @@ def make_scheduler(cfg: MAUGenConfig):
     )
 
 
-def build_pipeline(cfg: MAUGenConfig, identity_weights: str | Path, seed: int = 0) -> MAUGenPipeline:
+def build_pipeline(cfg: MAUGenConfig, identity_weights: str | Path | torch.nn.Module, seed: int = 0) -> MAUGenPipeline:
     """A fresh MAUGen: the tiny from-scratch model, or SD weights + fresh MAUGen parts.
 
-    `identity_weights` is the torch weights folder of `cfg.identity_encoder`, resolved by the caller
+    `identity_weights` is `cfg.identity_encoder` resolved by the caller: the loaded, frozen encoder
+    (`detectors.builtin.torch_identity_encoder(cfg.identity_encoder)`, an IdentityNet or, for a spec with
+    `torch_arch`, ArcFace's IResNet), or an IdentityNet's weights folder
     (`detectors.builtin.torch_weights(cfg.identity_encoder, "identity")`).
     """
-    identity_encoder = load_identity_encoder(identity_weights)
+    if isinstance(identity_weights, torch.nn.Module):
+        identity_encoder = identity_weights
+    else:
+        identity_encoder = load_identity_encoder(identity_weights)
     kwargs = cfg.label_decoder_kwargs()
     if cfg.base != "tiny":
         pipe = MAUGenPipeline.from_stable_diffusion(

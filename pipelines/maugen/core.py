@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.resize import resize_crop
+
 from .conditioning import MAUGenConditioner
 from .label_decoder import ConditionalLabelDecoder, LabelOutput
 
@@ -96,18 +98,14 @@ def encode_prompt(
     return tokens, enc.attention_mask.to(device).bool()
 
 
-def identity_input(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> the identity encoder's input (same normalisation, its size)."""
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return images
-
-
 def embed_identity(identity_encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised identity embeddings of images in [-1, 1]."""
-    size = int(identity_encoder.config.image_size)
+    """L2-normalised identity embeddings of images in [-1, 1], resized to the encoder's config `image_size`
+    (the shorter side to its `resize` first and centre-cropped, where the config has one: an IResNet from a spec)."""
+    cfg = identity_encoder.config
+    size = int(cfg.image_size)
     p = next(identity_encoder.parameters())
-    return F.normalize(identity_encoder(identity_input(images, size).to(p.dtype)).float(), dim=-1)
+    x = resize_crop(images, size, cfg.get("resize"))  # as the ONNX runtime resizes, differentiably
+    return F.normalize(identity_encoder(x.to(p.dtype)).float(), dim=-1)
 
 
 def description_embeddings(tokenizer, text_encoder: nn.Module, descriptions: Sequence[str]) -> torch.Tensor:

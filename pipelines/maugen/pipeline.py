@@ -43,6 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from core.facs import AU_DESCRIPTIONS, AU_NAMES, AUS
 from core.identity_net import IdentityNet  # noqa: F401 - diffusers loads a component class only from an imported module
+from core.iresnet import IResNet  # noqa: F401 - the same, for ArcFace's IResNet as identity_encoder
 
 from . import core
 from .conditioning import MAUGenConditioner, install_mrl_processors

@@ -261,9 +261,9 @@ class Trainer:
                 core.add_reference_channels(self.pipe.unet, self.pipe.latent_channels)
                 log.info("model.reference: %s's UNet now also reads the whole exemplar (new channels start at 0)", cfg.init_from)
         else:
-            from detectors.builtin import torch_weights
+            from detectors.builtin import torch_identity_encoder
 
-            self.pipe = build_pipeline(cfg.model, torch_weights(cfg.model.identity_encoder, "identity"), seed=cfg.seed)
+            self.pipe = build_pipeline(cfg.model, torch_identity_encoder(cfg.model.identity_encoder), seed=cfg.seed)
         self.pipe.to(self.device)
         self.noise_scheduler = _ddpm(self.pipe.scheduler)
         self.alphas = self.noise_scheduler.alphas_cumprod.to(self.device)
