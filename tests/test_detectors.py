@@ -339,11 +339,11 @@ def test_train_command_exports_a_loadable_model_with_its_eval(tmp_path):
             "--epochs",
             "1",
             "--train-samples",
-            "256",
+            "96",
             "--train-people",
             "16",
             "--heldout-samples",
-            "128",
+            "48",
         )
         assert p.returncode == 0, p.stderr[-3000:]
         d = tmp_path / name
