@@ -63,8 +63,7 @@ def main() -> None:
     for name in sorted(b.state.committed):
         _, images, table = _read_shard(b.layout, name)
         people = [identity_from_json(s) for s in table.column("identity").to_pylist()]
-        ex, _ = refs(people, np.zeros((len(people), 12), dtype=np.float32), images.shape[1])
-        eg, ee = enc.embed(images), enc.embed(ex)
+        eg, ee = enc.embed(images), enc.embed(refs.exemplars(people, images.shape[1]))
         generated.append(max_similarity(eg, subjects.embeddings))
         exemplars.append(max_similarity(ee, subjects.embeddings))
         own.append(cosine(eg, ee))

@@ -258,19 +258,29 @@ class _References:
         )
 
     def __call__(self, people: list, targets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(exemplars, references) of `people` at `size`."""
+        exemplars = self.exemplars(people, size)
+        if self.pool:
+            return exemplars, exemplars
+        return exemplars, self._renderer(size).render_batch(people, targets)
+
+    def exemplars(self, people: list, size: int) -> np.ndarray:
+        """Each identity's exemplar at `size`: its pool photo, or its neutral puppet render."""
+        if not self.pool:
+            return self._renderer(size).render_batch(people, np.zeros((len(people), NUM_AUS)))
+        ex = identity_source(self.cfg).exemplars(people, size)
+        bad = [e.error for e in ex if e.error is not None]
+        if bad:
+            raise FileNotFoundError(f"eval: exemplars the build used cannot be read now: {bad[0]}")
+        return np.stack([e.image for e in ex])
+
+    def _renderer(self, size: int) -> Any:
         from pipelines.puppet import PuppetRenderer
 
-        if self.pool:
-            ex = identity_source(self.cfg).exemplars(people, size)
-            bad = [e.error for e in ex if e.error is not None]
-            if bad:
-                raise FileNotFoundError(f"eval: exemplars the build used cannot be read now: {bad[0]}")
-            images = np.stack([e.image for e in ex])
-            return images, images
         renderer = self._renderers.get(size)
         if renderer is None:  # one per size for the whole eval: its caches serve every shard
             renderer = self._renderers[size] = PuppetRenderer(size=size, supersample=self.cfg.puppet.supersample)
-        return renderer.render_batch(people, np.zeros((len(people), NUM_AUS))), renderer.render_batch(people, targets)
+        return renderer
 
 
 def evaluate(

@@ -543,7 +543,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop, checkpoints
 
     def fit(self, steps: int | None = None) -> Path:
-        """Train to `cfg.steps` (resuming from the newest complete checkpoint) and save `OUT/final`."""
+        """Train to `steps`, else `cfg.stop_at`, else `cfg.steps` (resuming from the newest complete
+        checkpoint) and save `OUT/final`."""
         end = steps if steps is not None else self.cfg.stop_at or self.cfg.steps
         main = self.accelerator.is_main_process
         self.out.mkdir(parents=True, exist_ok=True)
