@@ -28,6 +28,7 @@ from factory.eval import _read_shard, _References
 from factory.identities import identity_from_json
 from factory.leakage import TrainingSubjects
 from factory.manifest import open_build
+from factory.record import BuildRecordError
 from pipelines.maugen.builtin import SUBJECTS_FILE, resolve_checkpoint
 
 log = logging.getLogger("bench")
@@ -48,7 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    b = open_build(args.out)
+    try:
+        b = open_build(args.out)
+    except (FileNotFoundError, BuildRecordError) as err:
+        sys.exit(str(err).splitlines()[0])
     cfg = b.cfg
     if cfg.generator != "maugen":
         sys.exit(f"{args.out}: generator={cfg.generator} has no training subjects; run this on a MAUGen build")
