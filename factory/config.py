@@ -31,6 +31,7 @@ from pydantic import (
 from core.facs import DEFAULT_OCCURRENCE_THRESHOLD, EMOTION_NAMES, INTENSITY_MAX, STRENGTHS
 from pipelines.overrides import OverrideError
 from pipelines.overrides import apply_override as _apply_override
+from pipelines.overrides import format_validation_error as _format_validation_error
 from pipelines.prompts.config import ExpandConfig
 from pipelines.puppet.identity import AGE_GROUPS, SKIN_TONE_GROUPS
 
@@ -501,31 +502,8 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
 
 
 def format_validation_error(err: ValidationError) -> str:
-    """First problem of a pydantic error as `config error: a.b: what is wrong; allowed: ...`."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(tuple(first["loc"][:-1]))
-        return f"config error: {loc}: unknown key; allowed here: {', '.join(allowed)}"
-    msg = first["msg"].removeprefix("Value error, ")
-    got = first.get("input")
-    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    more = f" [and {len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"config error: {loc or '<root>'}: {msg}{got_s}{more}"
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] | None = FactoryConfig
-    for part in loc:
-        field = model.model_fields.get(str(part)) if model else None
-        ann = field.annotation if field else None
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if model is None:
-            # Optional sub-sections (X | None): take the model out of the union.
-            for arg in getattr(ann, "__args__", ()):
-                if isinstance(arg, type) and issubclass(arg, BaseModel):
-                    model = arg
-    return sorted(model.model_fields) if model else []
+    """First problem of a FactoryConfig error as `config error: a.b: what is wrong; allowed: ...`."""
+    return _format_validation_error(err, FactoryConfig)
 
 
 def config_from_dict(tree: dict[str, Any]) -> FactoryConfig:

@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-from pipelines.overrides import apply_override
+from pipelines.overrides import apply_override, format_validation_error
 from pipelines.prompts.budget import TokenBudget
 
 from . import core, losses
@@ -186,7 +186,7 @@ def load_train_config(
         return TrainConfig(**raw)
     except ValidationError as e:
         where = f" in {path}" if path else ""
-        raise ValueError(f"invalid training config{where}:\n{e}") from None
+        raise ValueError(format_validation_error(e, TrainConfig, prefix=f"training config error{where}")) from None
 
 
 def make_dataset(cfg: DataConfig, image_size: int, budget: TokenBudget | None = None):
