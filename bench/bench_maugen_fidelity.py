@@ -237,6 +237,9 @@ def fidelity(
         "broken_passed": float(broken.broken[passed].mean()) if passed.any() else nan,
         "broken_realism_accepted": float(broken.broken[real].mean()) if real.any() else nan,
         "broken_on_renders": float(broken_renders.broken.mean()),
+        # can the realism filter see what is broken at all: ROC AUC of its score, sound (1) vs broken (0);
+        # 0.5 is a coin, so no threshold on it lowers the delivered broken share
+        "realism_auc_sound_vs_broken": _auc(~broken.broken, det.realism),
         **{f"broken_{k}": v for k, v in broken.summary()["by_region"].items()},  # type: ignore[union-attr]
         **{f"rejected_{r}": rejected[r] / n for r in REASONS if r != "over_quota"},
         "pass_all_checks": float(passed.mean()),
@@ -286,6 +289,13 @@ def judges(cfg: FactoryConfig, evaluator: str, identity_evaluator: str) -> dict[
         "build_panel": model_hashes([*d.au_detectors, *([d.realism] if d.realism else [])]),
         "independent": model_hashes([evaluator, identity_evaluator]),
     }
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC, nan when only one class is present (nothing to rank)."""
+    from detectors.metrics import roc_auc
+
+    return roc_auc(labels, scores) if 0 < labels.sum() < len(labels) else nan
 
 
 def _config(realism: str | None) -> FactoryConfig:
@@ -381,6 +391,7 @@ def main() -> None:
         f"and the renderer): raw {r['broken']:.2f}, passing every check {r['broken_passed']:.2f}, realism-accepted "
         f"{r['broken_realism_accepted']:.2f}, renders {r['broken_on_renders']:.2f}; by region "
         + ", ".join(f"{k} {r['broken_' + k]:.2f}" for k in REGIONS)
+        + f"; the realism filter's ROC AUC, sound vs broken: {r['realism_auc_sound_vs_broken']:.2f}"
     )
     print(f"generator {r['images_per_s']:.2f} images/s")
     if args.garble_grid:
