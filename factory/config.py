@@ -14,7 +14,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,9 +29,8 @@ from pydantic import (
 )
 
 from core.facs import DEFAULT_OCCURRENCE_THRESHOLD, EMOTION_NAMES, INTENSITY_MAX, STRENGTHS
-from pipelines.overrides import OverrideError
+from pipelines.overrides import OverrideError, format_validation_error
 from pipelines.overrides import apply_override as _apply_override
-from pipelines.overrides import format_validation_error as _format_validation_error
 from pipelines.prompts.config import ExpandConfig
 from pipelines.puppet.identity import AGE_GROUPS, SKIN_TONE_GROUPS
 
@@ -501,16 +500,11 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(str(err)) from None
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """First problem of a FactoryConfig error as `config error: a.b: what is wrong; allowed: ...`."""
-    return _format_validation_error(err, FactoryConfig)
-
-
 def config_from_dict(tree: dict[str, Any]) -> FactoryConfig:
     try:
         return FactoryConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err, FactoryConfig)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FactoryConfig:
