@@ -150,7 +150,7 @@ def realism_set(
             k = int(rng.integers(len(FAILURE_KINDS)))
             other = base.images[int(rng.integers(n))]
             person = base.people[int(base.identity[i])]
-            images[i] = degrade_region(base.images[i], other, feature_regions(renderer, person), FAILURE_KINDS[k], rng)
+            images[i] = degrade_region(base.images[i], other, renderer.feature_masks(person), FAILURE_KINDS[k], rng)
             kinds[i] = len(NEGATIVE_KINDS) + k
         else:
             k = int(rng.integers(len(NEGATIVE_KINDS)))
@@ -178,21 +178,6 @@ FAILURE_KINDS: tuple[str, ...] = (
 )
 #: Every negative kind's name, by the index realism_set records (`generated`: a generator's raw output).
 ALL_KINDS: tuple[str, ...] = NEGATIVE_KINDS + FAILURE_KINDS + ("generated",)
-#: The feature regions a failure hits, by the AUs whose zones make them (the renderer's region masks).
-FEATURE_REGIONS: dict[str, tuple[int, ...]] = {"brows": (1, 2, 4), "eyes": (5, 6), "nose": (9,), "mouth": (12, 15, 20, 25, 26)}
-
-
-def feature_regions(renderer: PuppetRenderer, person: PuppetIdentity) -> list[np.ndarray]:
-    """Bool (H, W) masks of a person's brows, eyes, nose and mouth zones (FEATURE_REGIONS)."""
-    out = []
-    for aus in FEATURE_REGIONS.values():
-        m = renderer.region_mask(person, aus[0])
-        for au in aus[1:]:
-            m |= renderer.region_mask(person, au)
-        out.append(m)
-    return out
-
-
 def degrade_region(
     img: np.ndarray, other: np.ndarray, regions: list[np.ndarray], kind: str, rng: np.random.Generator
 ) -> np.ndarray:

@@ -407,7 +407,7 @@ def test_failure_shaped_negatives_break_only_feature_regions_and_leave_the_commi
     base = data.au_set(96, 6, "train", 100, 64, 1)
     renderer = PuppetRenderer(64)
     for i in hit:
-        regions = np.any(data.feature_regions(renderer, base.people[int(base.identity[i])]), axis=0)
+        regions = np.any(renderer.feature_masks(base.people[int(base.identity[i])]), axis=0)
         changed = np.any(images[i] != base.images[i], axis=-1)
         assert changed.any() and not (changed & ~regions).any(), data.ALL_KINDS[kinds[i]]
 

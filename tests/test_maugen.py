@@ -20,7 +20,7 @@ from detectors.builtin import torch_weights
 from detectors.spec import file_sha256
 from pipelines.maugen import ConditionalLabelDecoder, MAUGenConfig, MAUGenPipeline, build_pipeline, core, losses
 from pipelines.maugen.build import build_word_tokenizer, load_identity_encoder, prompt_corpus, sd15_on_meta
-from pipelines.maugen.data import PuppetFaceDataset
+from pipelines.maugen.data import PuppetFaceDataset, collate
 from pipelines.maugen.label_decoder import IdentityDecouplingModule, PurifiedCrossAttention
 from pipelines.maugen.train import TrainConfig, Trainer
 
@@ -264,6 +264,31 @@ def test_masked_denoising_loss_ignores_pixels_outside_the_mask():
     assert float(loss.detach()) == pytest.approx(float(((pred - target).detach()[inside] ** 2).mean()), rel=1e-6)
     with pytest.raises(ValueError, match="does not match"):
         losses.masked_denoising_loss(pred, target, mask[:, :, :4])
+
+
+def test_feature_weight_weighs_each_facial_feature_alike_and_only_on_puppet_data():
+    """losses.feature_weight: the puppet samples' feature map averages 1 over the face, is 0 outside it, and
+    gives the small eyes more weight per pixel than the larger mouth; the loss weights are the face mask times
+    1 + k * the map; data without exact features is refused in one line."""
+    from pipelines.puppet import PuppetRenderer
+    from pipelines.puppet.renderer import FEATURE_REGIONS
+
+    ds = PuppetFaceDataset(2, 1, split="train", seed=1, workers=1)
+    s = ds[0]
+    face = s.mask > 0
+    assert s.features[~face].max() == 0.0 and s.features[face].mean() == pytest.approx(1.0, abs=0.1)
+    masks = dict(zip(FEATURE_REGIONS, PuppetRenderer(size=64).feature_masks(ds.people[0])))
+    assert masks["eyes"].sum() < masks["mouth"].sum()
+    eyes_only, mouth_only = masks["eyes"] & ~masks["mouth"], masks["mouth"] & ~masks["eyes"]
+    assert s.features[eyes_only].mean() > s.features[mouth_only].mean()
+    batch = collate([s, ds[1]])
+    w = losses.denoise_weights(batch["mask"], batch["features"], 2.0, (64, 64))
+    torch.testing.assert_close(w, batch["mask"] * (1 + 2.0 * batch["features"]))
+    assert torch.equal(losses.denoise_weights(batch["mask"], None, 0.0, (32, 32)), core.latent_mask(batch["mask"], (32, 32)))
+    with pytest.raises(ValueError, match="feature map"):
+        losses.denoise_weights(batch["mask"], None, 2.0, (64, 64))
+    with pytest.raises(ValueError, match="data.kind=disfa does not have: set losses.feature_weight=0"):
+        TrainConfig.model_validate({"data": {"kind": "disfa"}, "losses": {"feature_weight": 1.0}})
 
 
 def test_text_au_loss_reads_occurrence_where_only_occurrence_is_coded():

@@ -25,17 +25,32 @@ from torch import nn
 
 from core.facs import DEFAULT_OCCURRENCE_THRESHOLD, INTENSITY_MAX
 
+from . import core
 from .label_decoder import LabelOutput
 
 log = logging.getLogger(__name__)
 
 
 def masked_denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 10: squared error inside the mask (B, 1, h, w), averaged over masked elements."""
+    """Eq. 10: squared error inside the mask (B, 1, h, w), averaged over masked elements; a soft mask weights
+    each element (its weighted mean)."""
     if mask.shape[0] != pred.shape[0] or mask.shape[-2:] != pred.shape[-2:]:
         raise ValueError(f"mask {tuple(mask.shape)} does not match the prediction {tuple(pred.shape)}")
     w = mask.to(torch.float32).expand_as(pred)
     return ((pred.float() - target.float()) ** 2 * w).sum() / w.sum().clamp_min(1.0)
+
+
+def denoise_weights(
+    mask: torch.Tensor, features: torch.Tensor | None, feature_weight: float, size: tuple[int, int]
+) -> torch.Tensor:
+    """The denoising loss's weights at the diffusion resolution `size`: the face mask (B, 1, H, W), times
+    1 + feature_weight * the facial-feature map (FaceSample.features) when the weight is set: small
+    features such as the eyes are what a sampler garbles first, and a plain mean gives them little weight."""
+    if feature_weight > 0:
+        if features is None:
+            raise ValueError("losses.feature_weight needs every training sample's feature map (puppet data); set it to 0")
+        mask = mask * (1.0 + feature_weight * features.to(mask.device))
+    return core.latent_mask(mask, size)
 
 
 def _zero(labels: LabelOutput) -> torch.Tensor:

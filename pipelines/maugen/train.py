@@ -108,6 +108,13 @@ class LossConfig(BaseModel):
     cfg_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="classifier-free guidance: drop the whole condition")
     mutual_train_prob: float = Field(0.5, ge=0.0, le=1.0)
     mutual_gap: int = Field(40, ge=1, description="timesteps between the no-grad pass and the grad pass")
+    feature_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="extra denoising-loss weight on the facial features (FaceSample.features: each feature "
+        "weighs as much as any other, whatever its area); the weights inside the face are 1 + this times the "
+        "map. Needs data whose features are known exactly (data.kind=puppet)",
+    )
 
 
 class TrainConfig(BaseModel):
@@ -153,6 +160,15 @@ class TrainConfig(BaseModel):
     def _stop_within_the_schedule(self) -> TrainConfig:
         if self.stop_at is not None and self.stop_at > self.steps:
             raise ValueError(f"stop_at={self.stop_at} is past steps={self.steps}: raise steps or lower stop_at")
+        return self
+
+    @model_validator(mode="after")
+    def _features_known(self) -> TrainConfig:
+        if self.losses.feature_weight > 0 and self.data.kind != "puppet":
+            raise ValueError(
+                f"losses.feature_weight={self.losses.feature_weight} needs exact facial-feature masks, which "
+                f"data.kind={self.data.kind} does not have: set losses.feature_weight=0"
+            )
         return self
 
 
@@ -425,7 +441,9 @@ class Trainer:
         )
         out: dict[str, torch.Tensor] = {}
         if "denoise" in self.active:
-            out["denoise"] = losses.masked_denoising_loss(eps, noise, mask_l)
+            out["denoise"] = losses.masked_denoising_loss(
+                eps, noise, losses.denoise_weights(mask, batch.get("features"), lc.feature_weight, z0.shape[-2:])
+            )
         if "text_au" in self.active:
             out["text_au"] = losses.text_au_loss(
                 labels, batch["intensity"].to(dev), rows=keep, target_occurrence=batch["occurrence"].to(dev)

@@ -43,6 +43,9 @@ LIP_PART = 0.09
 # Below this v the face outline stretches with the jaw.
 JAW_PIVOT = 0.35
 
+#: The facial features, by the AUs whose zones make them: what realism's failure-shaped negatives break
+#: (detectors/data.py) and what MAUGen's `losses.feature_weight` weights up.
+FEATURE_REGIONS: dict[str, tuple[int, ...]] = {"brows": (1, 2, 4), "eyes": (5, 6), "nose": (9,), "mouth": (12, 15, 20, 25, 26)}
 _I = {au: au_index(au) for au in AUS}
 
 # Unit-circle tables, so ellipses are polygons (they must rotate with the head).
@@ -202,6 +205,10 @@ class PuppetRenderer:
             m = self._region(identity, int(au))
             self._put(self._masks, key, m)
         return m.copy()
+
+    def feature_masks(self, identity: PuppetIdentity) -> list[np.ndarray]:
+        """Bool (size, size) masks of the person's facial features, in FEATURE_REGIONS order."""
+        return [np.logical_or.reduce([self.region_mask(identity, au) for au in aus]) for aus in FEATURE_REGIONS.values()]
 
     def face_mask(self, identity: PuppetIdentity) -> np.ndarray:
         """Bool (size, size): the face (skin and features at any expression) plus every AU region."""

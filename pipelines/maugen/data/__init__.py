@@ -47,7 +47,7 @@ def collate(samples: list[FaceSample]) -> dict[str, torch.Tensor | list]:
 
     image, exemplar: float (B, 3, H, W) in [-1, 1]; mask: float (B, 1, H, W) in [0, 1];
     intensity, occurrence: float (B, 12) with NaN kept where an AU is not coded (losses mask it);
-    prompt, subject, meta: lists.
+    prompt, subject, meta: lists; features: float (B, 1, H, W) when every sample has them, else None.
     """
     if not samples:
         raise ValueError("collate got an empty batch")
@@ -63,4 +63,9 @@ def collate(samples: list[FaceSample]) -> dict[str, torch.Tensor | list]:
         "prompt": [s.prompt for s in samples],
         "subject": [s.subject for s in samples],
         "meta": [s.meta for s in samples],
+        "features": (
+            torch.from_numpy(np.stack([s.features for s in samples]).astype(np.float32)).unsqueeze(1)
+            if all(s.features is not None for s in samples)
+            else None
+        ),
     }

@@ -77,6 +77,14 @@ def puppet_subjects(
     return [(person_id(p), e) for p, e in zip(drawn, exemplars)]
 
 
+def feature_weights(renderer: PuppetRenderer, person: PuppetIdentity) -> np.ndarray:
+    """Float32 (H, W): the mean over the person's features of each feature's mask divided by its share of the
+    face, so the map averages about 1 over the face and the eyes weigh as much as the larger mouth."""
+    face = renderer.face_mask(person)
+    maps = [m / max(float(m[face].mean()), 1e-6) for m in renderer.feature_masks(person)]
+    return (np.mean(maps, axis=0) * face).astype(np.float32)
+
+
 class PuppetFaceDataset(Dataset):
     """`n` puppet renders of `people` with random AU targets (pipelines.puppet.data.au_targets).
 
@@ -113,6 +121,8 @@ class PuppetFaceDataset(Dataset):
         )
         self.exemplars: np.ndarray = render(people, np.zeros((len(people), NUM_AUS)), size=self.size, workers=workers)
         self.masks: np.ndarray = np.stack([renderer.face_mask(p) for p in people]).astype(np.uint8)
+        #: float32 (people, H, W): each person's feature weight map (FaceSample.features)
+        self.features: np.ndarray = np.stack([feature_weights(renderer, p) for p in people])
         self.subject_ids: list[str] = [person_id(p) for p in people]
         self.prompts: list[str] = [describe(t, int(s), budget) for t, s in zip(self.targets, prompt_seeds)]
         log.info("puppet dataset: %d renders of %d people at %d px (seed %d)", n, len(people), self.size, seed)
@@ -132,6 +142,7 @@ class PuppetFaceDataset(Dataset):
             intensity=intensity,
             occurrence=(intensity >= DEFAULT_OCCURRENCE_THRESHOLD).astype(np.float32),
             mask=self.masks[who].astype(np.float32),
+            features=self.features[who],
             exemplar=self.exemplars[who].copy(),
             prompt=self.prompts[i],
             subject=self.subject_ids[who],

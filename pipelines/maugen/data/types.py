@@ -26,6 +26,10 @@ class FaceSample:
     prompt: str  # text describing the AU target of `image`
     subject: str  # identity / subject id (splits are by subject)
     meta: dict = field(default_factory=dict)  # source-specific provenance (file, frame, task ...)
+    #: float32 (H, W) >= 0, where the source knows the facial features exactly (puppet): each feature (brows,
+    #: eyes, nose, mouth) scaled to a mean of 1 over the face, then averaged, so a small feature weighs as much
+    #: as a large one; `losses.feature_weight` adds it to the denoising loss's weights
+    features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         h, w = self.image.shape[:2]
@@ -37,6 +41,8 @@ class FaceSample:
             )
         if self.mask.shape != (h, w):
             raise ValueError(f"FaceSample.mask must be (H, W) = {(h, w)}, got {self.mask.shape}")
+        if self.features is not None and self.features.shape != (h, w):
+            raise ValueError(f"FaceSample.features must be (H, W) = {(h, w)}, got {self.features.shape}")
         for name in ("intensity", "occurrence"):
             if getattr(self, name).shape != (NUM_AUS,):
                 raise ValueError(f"FaceSample.{name} must have {NUM_AUS} entries, got {getattr(self, name).shape}")
