@@ -18,7 +18,12 @@ SUBJECTS_FILE = "training_subjects.npz"
 #: name -> the training recipes that rebuild it, run in order (`factory train --config RECIPE`); each
 #: stage's `init_from` is the previous stage's OUT/final, and the last stage's OUT/final is the checkpoint
 BUILTIN_CHECKPOINTS: dict[str, tuple[str, ...]] = {
-    "tiny-puppet": ("pipelines/maugen/configs/tiny-puppet.yaml", "pipelines/maugen/configs/tiny-puppet-reference.yaml")
+    "tiny-puppet": (
+        "pipelines/maugen/configs/tiny-puppet.yaml",
+        "pipelines/maugen/configs/tiny-puppet-reference.yaml",
+        "pipelines/maugen/configs/tiny-puppet-refine.yaml",
+        "pipelines/maugen/configs/tiny-puppet-features.yaml",
+    )
 }
 
 
