@@ -1,5 +1,8 @@
 """bench/gpu.sh in its dry mode: every step (stock vs MAUGen generator rows, the detector panel, a short
-factory build) runs on the CPU at toy size, so the script a GPU machine will run cannot rot."""
+factory build) runs on the CPU at toy size, so the script a GPU machine will run cannot rot.
+
+Marked slow (about 50 s, most of it three Python starts and a Ray start), so the default suite stays
+under 15 minutes on 2 cores; CI runs it as its own step after the default suite (.ci/run)."""
 
 from __future__ import annotations
 
@@ -10,11 +13,14 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 from conftest import ROOT
 
 ROW = re.compile(r"^(base|pab)\s+(float32|bfloat16)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", re.M)
 
 
+@pytest.mark.slow
 def test_gpu_bench_dry_mode_runs_every_step_on_the_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MIFA_FAULTS", "MIFA_INJECT")}
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay under 108 characters
