@@ -362,9 +362,10 @@ def main() -> None:
     print(f"F1 labels vs evaluator        {r['f1_labels_vs_evaluator']:.3f}   (independent)")
     print(f"F1 prompt targets vs evaluator {r['f1_targets_vs_evaluator']:.3f}   (independent)")
     print("per AU               " + " ".join(f"{k:>5}" for k in AU_KEYS))
-    rows = ["labels_vs_targets", "labels_vs_consensus", "targets_vs_consensus", "labels_vs_evaluator", "targets_vs_evaluator"]
-    for k in rows + ["targets_vs_evaluator_on_renders"]:
-        label = "renders_vs_evaluator" if k not in rows else k  # the ceiling: renders of the same targets
+    rows = [(k, k) for k in ("labels_vs_targets", "labels_vs_consensus", "targets_vs_consensus",
+                             "labels_vs_evaluator", "targets_vs_evaluator")]
+    rows.append(("targets_vs_evaluator_on_renders", "renders_vs_evaluator"))  # the ceiling: renders of the targets
+    for k, label in rows:
         print(f"{label:<21}" + " ".join(f"{r[f'f1_{k}_{au}']:5.2f}" for au in AU_KEYS))
     print(f"realism mean {r['realism_mean']:.3f}, accepted (>= {cfg.checks.realism}) {r['realism_accepted']:.2f}")
     print(
