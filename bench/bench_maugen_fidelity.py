@@ -297,7 +297,7 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC, nan when only one class is present (nothing to rank)."""
     from detectors.metrics import roc_auc
 
-    return roc_auc(labels, scores) if 0 < labels.sum() < len(labels) else nan
+    return roc_auc(labels, scores) if 0 < labels.sum() < len(labels) else math.nan
 
 
 def _config(realism: str | None) -> FactoryConfig:
