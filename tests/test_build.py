@@ -25,10 +25,10 @@ def _names(out: Path, suffix: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, shared_ray) -> Path:
     """One real 2000-sample build shared by the read-back, verify and report tests."""
     out = tmp_path_factory.mktemp("build") / "out"
-    factory("build", "--target", "2000", "--shard-size", "250", "--out", str(out), *FAST, check=True)
+    factory("build", "--target", "2000", "--shard-size", "250", "--out", str(out), *FAST, env=shared_ray, check=True)
     return out
 
 
@@ -107,10 +107,10 @@ def test_build_again_is_a_noop_and_other_config_is_refused(corpus):
     assert p.returncode == 2 and "another config" in p.stderr and '"shard_size": 250' in p.stderr
 
 
-def test_forced_failure_lands_in_failed_and_resume_completes(tmp_path):
+def test_forced_failure_lands_in_failed_and_resume_completes(shared_ray, tmp_path):
     out = tmp_path / "out"
     args = ["--target", "300", "--shard-size", "100", "--out", str(out), *FAST, "--set", "build.shard_retries=1"]
-    p = factory("build", *args, env={"MIFA_FAULTS": "write:1"})
+    p = factory("build", *args, env={**shared_ray, "MIFA_FAULTS": "write:1"})
     assert p.returncode == 1, p.stderr
     rec = json.loads((out / "failed" / "mifa-000001.json").read_text())
     assert rec["attempts"] == 2 and "InjectedFault" in rec["error"]
@@ -120,7 +120,7 @@ def test_forced_failure_lands_in_failed_and_resume_completes(tmp_path):
     rep = json.loads(factory("report", str(out), "--json", check=True).stdout)
     assert rep["shards"]["failed"] == 1 and "mifa-000001" in rep["failed"]
 
-    p = factory("resume", str(out), *SMALL_RAY)
+    p = factory("resume", str(out), *SMALL_RAY, env=shared_ray)
     assert p.returncode == 0, p.stderr
     assert not (out / "failed" / "mifa-000001.json").exists()
     factory("verify", str(out), check=True)

@@ -23,10 +23,10 @@ EXPECTED_REASON = {"blank": "invalid_image", "noise": "realism", "wrong_expressi
 
 
 @pytest.fixture(scope="module")
-def injected(tmp_path_factory) -> Path:
+def injected(tmp_path_factory, shared_ray) -> Path:
     out = tmp_path_factory.mktemp("detect") / "out"
     p = factory(
-        "build", "--target", "300", "--shard-size", "150", "--out", str(out), *FAST, env={"MIFA_INJECT": INJECT}
+        "build", "--target", "300", "--shard-size", "150", "--out", str(out), *FAST, env={**shared_ray, "MIFA_INJECT": INJECT}
     )
     assert p.returncode == 0, p.stderr[-3000:]
     return out
@@ -134,7 +134,7 @@ def _copy_spec(tmp_path: Path, name: str) -> Path:
     return d / "spec.yaml"
 
 
-def test_corrupt_or_missing_models_stop_the_build_before_any_shard_naming_each(tmp_path):
+def test_corrupt_or_missing_models_stop_the_build_before_any_shard_naming_each(shared_ray, tmp_path):
     """A corrupt detector model and a generator checkpoint that cannot load, in one build: the errors
     raised inside the actors reach the user as one line each (not a Ray traceback), both at once."""
     from pipelines.maugen.builtin import resolve_checkpoint
@@ -147,7 +147,7 @@ def test_corrupt_or_missing_models_stop_the_build_before_any_shard_naming_each(t
     out = tmp_path / "out"
     dets = f"detect.au_detectors=[{spec},builtin:au-resnet]"
     args = ["--target", "20", "--shard-size", "10", "--out", str(out), "--set", dets, *SMALL_RAY]
-    p = factory("build", *args, "--set", "generator=maugen", "--set", f"maugen.checkpoint={ckpt}")
+    p = factory("build", *args, "--set", "generator=maugen", "--set", f"maugen.checkpoint={ckpt}", env=shared_ray)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "Traceback" not in p.stdout, p.stderr[-2000:]
     lines = p.stderr.splitlines()
@@ -160,21 +160,21 @@ def test_corrupt_or_missing_models_stop_the_build_before_any_shard_naming_each(t
 
     (spec.parent / "model.onnx").unlink()
     out2 = tmp_path / "out2"
-    p = factory("build", "--target", "20", "--shard-size", "10", "--out", str(out2), "--set", dets, *FAST)
+    p = factory("build", "--target", "20", "--shard-size", "10", "--out", str(out2), "--set", dets, *FAST, env=shared_ray)
     assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and str(spec.parent / "model.onnx") in p.stderr.strip().splitlines()[-1]
     assert not (out2 / "build.json").exists()
 
 
-def test_resume_with_other_model_files_is_refused(tmp_path):
+def test_resume_with_other_model_files_is_refused(shared_ray, tmp_path):
     spec = _copy_spec(tmp_path, "au-cnn")
     out = tmp_path / "out"
     args = ["--target", "20", "--shard-size", "10", "--out", str(out), *FAST]
     args += ["--set", f"detect.au_detectors=[{spec}]", "--set", "detect.min_agree=1", "--set", "detect.realism=null"]
-    p = factory("build", *args)
+    p = factory("build", *args, env=shared_ray)
     assert p.returncode == 0, p.stderr[-2000:]
     shutil.copy(resolve("builtin:au-resnet").parent / "model.onnx", spec.parent / "model.onnx")
-    p = factory("build", *args)
+    p = factory("build", *args, env=shared_ray)
     assert p.returncode == 2 and "other model files" in p.stderr, p.stderr[-2000:]
 
 

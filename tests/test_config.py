@@ -110,7 +110,7 @@ def test_an_unreadable_build_json_is_refused_unless_new_build_deletes_it(tmp_pat
     assert not (out / "shards" / "mifa-000000.tar").exists()
 
 
-def test_a_corrupt_build_json_stops_every_command_in_one_line_and_a_restored_one_resumes(tmp_path):
+def test_a_corrupt_build_json_stops_every_command_in_one_line_and_a_restored_one_resumes(shared_ray, tmp_path):
     """build, resume, verify and report on an OUT whose build.json is cut short: exit 2, one line
     naming the file and both fixes, nothing touched; with the file restored the resume completes."""
     from conftest import FAST, SMALL_RAY, factory
@@ -130,7 +130,7 @@ def test_a_corrupt_build_json_stops_every_command_in_one_line_and_a_restored_one
     assert not list((out / "shards").iterdir())
 
     (out / "build.json").write_bytes(good)
-    p = factory("resume", str(out), *SMALL_RAY)
+    p = factory("resume", str(out), *SMALL_RAY, env=shared_ray)
     assert p.returncode == 0 and (out / "shards" / "mifa-000000.stats.json").exists(), p.stderr[-2000:]
 
 

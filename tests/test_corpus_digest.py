@@ -16,12 +16,12 @@ from corpus_digest import ARGS, INJECT, digest
 DIGEST = ROOT / "tests" / "data" / "corpus_digest.json"
 
 
-def test_a_fixed_build_is_byte_identical_to_the_checked_in_digest(tmp_path):
+def test_a_fixed_build_is_byte_identical_to_the_checked_in_digest(shared_ray, tmp_path):
     """Built by two generator actors, where the digest was made with one: how many generators run
     (runtime sizing) must not change a byte."""
     out = tmp_path / "corpus"
     two = ["--set", "runtime.num_generators=2"]
-    factory("build", *ARGS, *FAST, *two, "--out", str(out), env={"MIFA_INJECT": INJECT}, check=True)
+    factory("build", *ARGS, *FAST, *two, "--out", str(out), env={**shared_ray, "MIFA_INJECT": INJECT}, check=True)
     got = digest(out)
     if os.environ.get("MIFA_WRITE_DIGEST"):
         DIGEST.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")

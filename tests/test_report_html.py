@@ -23,12 +23,12 @@ PLOTS = 7  # funnel, rejections, AU occurrence, AU intensity, co-occurrence, bal
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
+def corpus(tmp_path_factory, shared_ray) -> Path:
     """3 shards of 20: shard 2 fails at write (so the build is partial), 10% of samples are blanked."""
     out = tmp_path_factory.mktemp("report") / "out"
     args = ["--target", "60", "--shard-size", "20", "--out", str(out), *FAST]
     p = factory(
-        "build", *args, "--set", "build.shard_retries=0", env={"MIFA_FAULTS": "write:2", "MIFA_INJECT": "blank:0.1"}
+        "build", *args, "--set", "build.shard_retries=0", env={**shared_ray, "MIFA_FAULTS": "write:2", "MIFA_INJECT": "blank:0.1"}
     )
     assert p.returncode == 1, p.stderr[-3000:]  # exit 1: one shard failed, the rest committed
     assert (out / "failed" / "mifa-000002.json").exists()

@@ -76,13 +76,13 @@ def test_worker_lost_tells_a_dead_worker_from_a_failing_shard():
 
 
 @pytest.mark.slow  # the default suite stays under 15 min; `bash tests/run.sh -m slow` runs it
-def test_one_worker_process_per_shard_in_flight_for_the_whole_build(tmp_path):
+def test_one_worker_process_per_shard_in_flight_for_the_whole_build(shared_ray, tmp_path):
     """Ten shards, two in flight: two shard workers build all of them (a Ray task per shard could
     land on a fresh worker process each time, re-importing torch and the factory)."""
     out = tmp_path / "out"
     args = ["--target", "200", "--shard-size", "20", "--out", str(out), *FAST,
             "--set", "runtime.max_shards_in_flight=2"]  # fmt: skip
-    factory("build", *args, check=True)
+    factory("build", *args, env=shared_ray, check=True)
     stats = shard_stats(out)
     assert len(stats) == 10
     workers = {s["worker_id"] for s in stats.values()}

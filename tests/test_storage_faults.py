@@ -66,10 +66,10 @@ def _factory_in_mount_ns(setup: str, *args: str, after: str = "") -> subprocess.
 
 
 @pytest.fixture(scope="module")
-def partial(tmp_path_factory) -> tuple[Path, str]:
+def partial(tmp_path_factory, shared_ray) -> tuple[Path, str]:
     """The digest's build stopped by a full disk at shard 1 (injected): (OUT, its stderr)."""
     out = tmp_path_factory.mktemp("enospc") / "out"
-    p = factory("build", *ARGS, *FAST, *ONE_AT_A_TIME, "--out", str(out), env={**ENV, "MIFA_FAULTS": "write:1:ENOSPC"})
+    p = factory("build", *ARGS, *FAST, *ONE_AT_A_TIME, "--out", str(out), env={**shared_ray, **ENV, "MIFA_FAULTS": "write:1:ENOSPC"})
     assert p.returncode == EXIT_STORAGE, p.stderr[-3000:]
     return out, p.stderr
 
@@ -79,7 +79,7 @@ def _copy(partial: tuple[Path, str], dest: Path) -> Path:
     return dest
 
 
-def test_out_of_space_stops_in_one_line_at_once_and_resume_is_byte_identical(partial, tmp_path):
+def test_out_of_space_stops_in_one_line_at_once_and_resume_is_byte_identical(partial, shared_ray, tmp_path):
     out, stderr = partial
     line = _last_line(stderr)
     assert line.startswith(f"build stopped: {out} is out of space (ENOSPC: No space left on device"), line
@@ -95,7 +95,7 @@ def test_out_of_space_stops_in_one_line_at_once_and_resume_is_byte_identical(par
 
     out = _copy(partial, tmp_path / "out")
     kept = _committed_files(out)
-    p = factory("resume", str(out), *SMALL_RAY, env=ENV)
+    p = factory("resume", str(out), *SMALL_RAY, env={**shared_ray, **ENV})
     assert p.returncode == 0, p.stderr[-3000:]
     assert {k: v for k, v in _committed_files(out).items() if k in kept} == kept
     _same_as_clean_build(out)
