@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -24,6 +25,32 @@ def client_auth_mode() -> None:
         log.info("RAY_AUTH_MODE unset and a Ray token is available: connecting with token auth")
 
 
+def worker_env(cfg: FactoryConfig) -> dict[str, str]:
+    """The driver's env vars that its Ray workers read: fault injection and verbosity (MIFA_*) and the API
+    key that expand.llm.api_key_env names. A local Ray's workers inherit the driver's env, but the workers
+    of a cluster it joins have their node's, so a key set only where `factory build` runs would reach the
+    driver's preflight and not the shard workers that call the LLM. (Ray shows a job's env vars to whoever
+    can list its jobs.)"""
+    names = {"MIFA_FAULTS", "MIFA_INJECT", "MIFA_VERBOSE"}
+    if cfg.expand.backend == "llm" and cfg.expand.llm is not None:
+        names.add(cfg.expand.llm.api_key_env)
+    return {k: v for k, v in os.environ.items() if k in names and k not in _job_env_vars()}
+
+
+def _job_env_vars() -> set[str]:
+    """The env vars of the job this driver runs in (`ray job submit --runtime-env-json`), which its workers
+    get anyway and which ray.init refuses to be given twice. Ray hands a job's config to its entrypoint in
+    RAY_JOB_CONFIG_JSON_ENV_VAR."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        env_vars = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return set()
+    return set(env_vars)
+
+
 def init_ray(cfg: FactoryConfig) -> bool:
     """Join RAY_ADDRESS / the job's cluster, or start an embedded local Ray. True if we started it."""
     import ray
@@ -33,9 +60,10 @@ def init_ray(cfg: FactoryConfig) -> bool:
     verbose = bool(os.environ.get("MIFA_VERBOSE"))
     # Ray's own notices (token auth on, the local IP it guessed) are for -v; errors always show
     kwargs: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR}
-    env_vars = {k: v for k, v in os.environ.items() if k in ("MIFA_FAULTS", "MIFA_INJECT", "MIFA_VERBOSE")}
+    env_vars = worker_env(cfg)
     if env_vars:
         kwargs["runtime_env"] = {"env_vars": env_vars}
+        log.info("passing the driver's %s to the build's Ray workers", ", ".join(sorted(env_vars)))
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(
             address="local",  # never join a cluster that some earlier `ray start` left on this machine

@@ -91,8 +91,11 @@ def wrong_description(target: dict[str, int]) -> str:
 class FakeOpenAIServer(LoopbackHTTPServer):
     """An OpenAI-compatible server on an ephemeral loopback port; records every request body."""
 
-    def __init__(self, default: str | Callable[[dict[str, Any]], Response] = "good"):
+    def __init__(self, default: str | Callable[[dict[str, Any]], Response] = "good", api_key: str | None = None):
         self.default = default
+        #: when set, a request without `Authorization: Bearer <api_key>` gets a 401 as OpenAI answers it
+        self.api_key = api_key
+        self.refused_keys = 0
         self.script: deque[str | Callable[[dict[str, Any]], Response]] = deque()
         self.requests: list[dict[str, Any]] = []
         self.ping: str | Callable[[dict[str, Any]], Response] = "ok"
@@ -166,6 +169,11 @@ class FakeOpenAIServer(LoopbackHTTPServer):
                     self._send(404, {"error": {"message": f"no route {self.path}"}})
                     return
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    with server._lock:
+                        server.refused_keys += 1
+                    self._send(401, {"error": {"message": "Incorrect API key provided", "type": "test", "code": 401}})
+                    return
                 with server._lock:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)

@@ -29,11 +29,21 @@ def _llm_args(server: FakeOpenAIServer | str, out) -> list[str]:
     ]  # fmt: skip
 
 
-def test_llm_build_records_expander_and_resume_hits_the_cache(server, tmp_path):
+def test_llm_build_records_expander_and_resume_hits_the_cache(shared_ray, tmp_path):
+    """On a Ray cluster the driver joins (whose workers have their node's env, not the driver's): the API key
+    set where `factory build` runs reaches the shard workers that call the endpoint."""
     out = tmp_path / "out"
+    key = "sk-test-only-the-driver-has-it"
+    env = {**shared_ray, "OPENAI_API_KEY": key}
+    with FakeOpenAIServer(api_key=key) as server:
+        _build_and_resume_from_the_cache(server, out, env)
+        assert server.refused_keys == 0
+
+
+def _build_and_resume_from_the_cache(server: FakeOpenAIServer, out, env: dict[str, str]) -> None:
     # a retry; one fallback to the grammar for wrong AUs; one for 200s that are no chat completion (a proxy's page)
     server.push("error_500", "wrong_aus", "wrong_aus", "wrong_aus", "html", "html", "html")
-    factory("build", *_llm_args(server, out), check=True)
+    factory("build", *_llm_args(server, out), env=env, check=True)
     samples = list(wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False))
     assert len(samples) == 60
     metas = [json.loads(s["json"]) for s in samples]
@@ -51,7 +61,7 @@ def test_llm_build_records_expander_and_resume_hits_the_cache(server, tmp_path):
     tar_before = (out / "shards" / "mifa-000001.tar").read_bytes()
     for p in shard1:
         p.unlink()
-    p = factory("resume", str(out), *SMALL_RAY)
+    p = factory("resume", str(out), *SMALL_RAY, env=env)
     assert p.returncode == 0, p.stderr
     assert len(server.requests) == asked
     redone = json.loads((out / "shards" / "mifa-000001.stats.json").read_text())
@@ -59,7 +69,7 @@ def test_llm_build_records_expander_and_resume_hits_the_cache(server, tmp_path):
     assert (out / "shards" / "mifa-000001.tar").read_bytes() == tar_before
 
 
-def test_llm_server_down_stops_the_build_and_a_resume_may_accept_the_grammar(tmp_path):
+def test_llm_server_down_stops_the_build_and_a_resume_may_accept_the_grammar(shared_ray, tmp_path):
     """Nothing listens at base_url: the preflight only warns (a server may come back), every prompt
     falls back, and past expand.max_fallback_share the build stops in one line, exit 4. A resume
     that accepts fallbacks (expand.max_fallback_share=1) completes the corpus from the grammar."""
@@ -69,12 +79,13 @@ def test_llm_server_down_stops_the_build_and_a_resume_may_accept_the_grammar(tmp
         held.bind(("127.0.0.1", 0))
         base_url = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
         args = _llm_args(base_url, tmp_path / "out")
-        p = factory("build", *args, "--set", "expand.llm.max_retries=0", "--set", "runtime.max_shards_in_flight=1")
+        p = factory("build", *args, "--set", "expand.llm.max_retries=0", "--set", "runtime.max_shards_in_flight=1",
+                    env=shared_ray)  # fmt: skip
     assert p.returncode == 4, p.stderr[-3000:]
     line = p.stderr.strip().splitlines()[-1]
     assert line.startswith("build stopped: 100% of ") and "fell back to the grammar (connection x" in line, line
     assert f"at {base_url}; 1/2 shards committed and kept" in line and "Traceback" not in p.stderr, line
-    p = factory("resume", str(tmp_path / "out"), *SMALL_RAY, "--set", "expand.max_fallback_share=1")
+    p = factory("resume", str(tmp_path / "out"), *SMALL_RAY, "--set", "expand.max_fallback_share=1", env=shared_ray)
     assert p.returncode == 0, p.stderr[-3000:]
     metas = [
         json.loads(s["json"])
