@@ -62,7 +62,9 @@ TOY_VALUES: dict[str, str] = {
 #: What the toy run adds per command: one CPU thread for training (the suite shares 2 cores), few
 #: sampling steps, no label checks (a model with random weights draws labels that agree with
 #: nothing, so the checks would reject every candidate), and one shard in flight on a CPU where
-#: README's `runtime.*` keys place GPU actors.
+#: README's `runtime.*` keys place GPU actors. Two builds run side by side on the 4-CPU head, so each
+#: reserves under half of it (1 generator x 1 CPU, the detector 0.5, the shard worker 0.25): sized to
+#: the whole cluster each, both could start part of their actors and wait forever for the rest.
 TOY_EXTRAS: dict[str, list[str]] = {
     "train": ["--set", "threads=1", "--set", "log_every=1"],
     "build": [
@@ -71,6 +73,8 @@ TOY_EXTRAS: dict[str, list[str]] = {
         "--set", "checks.label_consensus_jaccard=0",
         *SMALL_RAY,
         "--set", "runtime.max_shards_in_flight=1",  # one shard worker: one process fewer to start
+        "--set", "runtime.num_generators=1",
+        "--set", "runtime.generator_cpus=1",
     ],  # fmt: skip
 }
 #: The paths of README's commands, each replaced by a temporary one (the fixture `real`).
