@@ -291,39 +291,6 @@ def test_feature_weight_weighs_each_facial_feature_alike_and_only_on_puppet_data
         TrainConfig.model_validate({"data": {"kind": "disfa"}, "losses": {"feature_weight": 1.0}})
 
 
-def test_expression_weight_marks_where_the_face_leaves_its_neutral_exemplar():
-    """losses.expression_weight: the map is the face's pixels that differ from the neutral exemplar (the
-    changed brows and mouth of an expression, nothing outside the face, nothing on a neutral face), scaled
-    to weigh about as much as the whole face; it adds to the feature weight; only puppet data is accepted."""
-    from pipelines.puppet import PuppetRenderer
-    from pipelines.puppet.data import identities
-    from pipelines.puppet.renderer import FEATURE_REGIONS
-
-    renderer = PuppetRenderer(size=64)
-    person = identities(1, "train", 2)[0]
-    targets = np.zeros((2, 12))
-    targets[1, [0, 2, 6, 11]] = 4  # AU1 + AU4 (brows), AU12 + AU26 (smile, jaw drop); row 0 neutral
-    images = torch.from_numpy(np.stack([renderer.render(person, t) for t in targets])).permute(0, 3, 1, 2)
-    images = images.float() / 127.5 - 1
-    exemplar = images[:1].expand(2, -1, -1, -1)
-    mask = torch.from_numpy(renderer.face_mask(person)).float()[None, None].expand(2, 1, -1, -1)
-    e = losses.expression_map(images, exemplar, mask)
-    face = mask > 0.5
-    assert e[0].max() == 0 and e[~face].max() == 0
-    assert float(e[1][face[1]].mean()) == pytest.approx(1.0, abs=1e-5)
-    regions = dict(zip(FEATURE_REGIONS, renderer.feature_masks(person)))
-    marked = e[1, 0].numpy() > 0
-    assert marked[regions["brows"]].mean() > 0.2 and marked[regions["mouth"]].mean() > 0.2
-    assert marked[regions["nose"] & ~regions["mouth"] & ~regions["brows"]].mean() < marked[regions["brows"]].mean()
-    features = torch.rand_like(mask)
-    w = losses.denoise_weights(mask, features, 2.0, (64, 64), e, 3.0)
-    torch.testing.assert_close(w, mask * (1 + 2.0 * features + 3.0 * e))
-    with pytest.raises(ValueError, match="expression map"):
-        losses.denoise_weights(mask, None, 0.0, (64, 64), None, 1.0)
-    with pytest.raises(ValueError, match="data.kind=bp4d does not have: set losses.expression_weight=0"):
-        TrainConfig.model_validate({"data": {"kind": "bp4d"}, "losses": {"expression_weight": 1.0}})
-
-
 def test_text_au_loss_reads_occurrence_where_only_occurrence_is_coded():
     """BP4D codes AU1's occurrence but not its intensity; the prompt describes it, so the loss must too."""
     from pipelines.maugen.label_decoder import LabelOutput

@@ -40,44 +40,16 @@ def masked_denoising_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.
     return ((pred.float() - target.float()) ** 2 * w).sum() / w.sum().clamp_min(1.0)
 
 
-def expression_map(
-    image: torch.Tensor, exemplar: torch.Tensor, mask: torch.Tensor, threshold: float = 0.05, min_share: float = 0.05
-) -> torch.Tensor:
-    """Float (B, 1, H, W): the face's pixels that differ from its neutral exemplar by more than `threshold`
-    (channel mean, images in [-1, 1]), each divided by their share of the face (at least `min_share`), so the
-    region weighs about as much as the whole face and a small AU (a cheek or chin raise) as much as a large
-    one, up to 1 / min_share a pixel. It is the expression's footprint only when the exemplar is the same
-    face, aligned, with every AU at 0: puppet data. A neutral face has an empty map."""
-    face = mask > 0.5
-    region = (((image.float() - exemplar.float()).abs().mean(dim=1, keepdim=True) > threshold) & face).float()
-    share = region.flatten(1).sum(1) / face.flatten(1).sum(1).clamp_min(1)
-    return region / share.clamp_min(min_share)[:, None, None, None]
-
-
 def denoise_weights(
-    mask: torch.Tensor,
-    features: torch.Tensor | None,
-    feature_weight: float,
-    size: tuple[int, int],
-    expression: torch.Tensor | None = None,
-    expression_weight: float = 0.0,
+    mask: torch.Tensor, features: torch.Tensor | None, feature_weight: float, size: tuple[int, int]
 ) -> torch.Tensor:
     """The denoising loss's weights at the diffusion resolution `size`: the face mask (B, 1, H, W), times
-    1 + feature_weight * the facial-feature map (FaceSample.features) + expression_weight * the expression
-    map (`expression_map`) when those weights are set: small features such as the eyes are what a sampler
-    garbles first, small AUs (a cheek raise, a chin raise) what it draws too weakly, and a plain mean gives
-    both little weight."""
-    extra = torch.zeros_like(mask)
+    1 + feature_weight * the facial-feature map (FaceSample.features) when the weight is set: small
+    features such as the eyes are what a sampler garbles first, and a plain mean gives them little weight."""
     if feature_weight > 0:
         if features is None:
             raise ValueError("losses.feature_weight needs every training sample's feature map (puppet data); set it to 0")
-        extra = extra + feature_weight * features.to(mask.device)
-    if expression_weight > 0:
-        if expression is None:
-            raise ValueError("losses.expression_weight needs the expression map of every training sample; set it to 0")
-        extra = extra + expression_weight * expression.to(mask.device)
-    if feature_weight > 0 or expression_weight > 0:
-        mask = mask * (1.0 + extra)
+        mask = mask * (1.0 + feature_weight * features.to(mask.device))
     return core.latent_mask(mask, size)
 
 

@@ -115,13 +115,6 @@ class LossConfig(BaseModel):
         "weighs as much as any other, whatever its area); the weights inside the face are 1 + this times the "
         "map. Needs data whose features are known exactly (data.kind=puppet)",
     )
-    expression_weight: float = Field(
-        0.0,
-        ge=0.0,
-        description="extra denoising-loss weight where the face differs from its neutral exemplar (losses.py: "
-        "expression_map, averaging 1 over the face): the pixels that show the AUs. Needs data whose exemplar is "
-        "the same face, aligned, with every AU at 0 (data.kind=puppet)",
-    )
 
 
 class TrainConfig(BaseModel):
@@ -175,12 +168,6 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"losses.feature_weight={self.losses.feature_weight} needs exact facial-feature masks, which "
                 f"data.kind={self.data.kind} does not have: set losses.feature_weight=0"
-            )
-        if self.losses.expression_weight > 0 and self.data.kind != "puppet":
-            raise ValueError(
-                f"losses.expression_weight={self.losses.expression_weight} needs an exemplar that is the same face "
-                f"with every AU at 0, aligned, which data.kind={self.data.kind} does not have: set "
-                "losses.expression_weight=0"
             )
         return self
 
@@ -455,16 +442,7 @@ class Trainer:
         out: dict[str, torch.Tensor] = {}
         if "denoise" in self.active:
             out["denoise"] = losses.masked_denoising_loss(
-                eps,
-                noise,
-                losses.denoise_weights(
-                    mask,
-                    batch.get("features"),
-                    lc.feature_weight,
-                    z0.shape[-2:],
-                    losses.expression_map(x0, exemplar, mask) if lc.expression_weight > 0 else None,
-                    lc.expression_weight,
-                ),
+                eps, noise, losses.denoise_weights(mask, batch.get("features"), lc.feature_weight, z0.shape[-2:])
             )
         if "text_au" in self.active:
             out["text_au"] = losses.text_au_loss(
