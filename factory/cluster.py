@@ -34,7 +34,8 @@ def worker_env(cfg: FactoryConfig) -> dict[str, str]:
     names = {"MIFA_FAULTS", "MIFA_INJECT", "MIFA_VERBOSE"}
     if cfg.expand.backend == "llm" and cfg.expand.llm is not None:
         names.add(cfg.expand.llm.api_key_env)
-    return {k: v for k, v in os.environ.items() if k in names and k not in _job_env_vars()}
+    names -= _job_env_vars()
+    return {k: v for k, v in os.environ.items() if k in names}
 
 
 def _job_env_vars() -> set[str]:

@@ -136,7 +136,7 @@ def ray_head(dashboard: bool = False) -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="session")
 def shared_ray() -> Iterator[dict[str, str]]:
     """The env with which a `factory` command joins one Ray head kept for the whole session, as a driver
-    does under `ray job submit` (RAY_AUTH_MODE unset: the driver turns token auth on itself), instead of
+    with RAY_ADDRESS set does (RAY_AUTH_MODE unset: the driver turns token auth on itself), instead of
     starting an embedded local Ray of its own: about 8 s less per build on 2 cores. For the tests about
     the factory's own logic; tests of what a driver's embedded Ray does (killing its process group, a
     private mount namespace, the driver's own env) start their own."""

@@ -26,8 +26,9 @@ EXPECTED_REASON = {"blank": "invalid_image", "noise": "realism", "wrong_expressi
 def injected(tmp_path_factory, shared_ray) -> Path:
     out = tmp_path_factory.mktemp("detect") / "out"
     p = factory(
-        "build", "--target", "300", "--shard-size", "150", "--out", str(out), *FAST, env={**shared_ray, "MIFA_INJECT": INJECT}
-    )
+        "build", "--target", "300", "--shard-size", "150", "--out", str(out), *FAST,
+        env={**shared_ray, "MIFA_INJECT": INJECT},
+    )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     return out
 
@@ -160,7 +161,8 @@ def test_corrupt_or_missing_models_stop_the_build_before_any_shard_naming_each(s
 
     (spec.parent / "model.onnx").unlink()
     out2 = tmp_path / "out2"
-    p = factory("build", "--target", "20", "--shard-size", "10", "--out", str(out2), "--set", dets, *FAST, env=shared_ray)
+    args2 = ["--target", "20", "--shard-size", "10", "--out", str(out2), "--set", dets, *FAST]
+    p = factory("build", *args2, env=shared_ray)
     assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and str(spec.parent / "model.onnx") in p.stderr.strip().splitlines()[-1]
     assert not (out2 / "build.json").exists()

@@ -29,18 +29,21 @@ def _llm_args(server: FakeOpenAIServer | str, out) -> list[str]:
     ]  # fmt: skip
 
 
-def test_llm_build_records_expander_and_resume_hits_the_cache(shared_ray, tmp_path):
+KEY = "sk-test-only-the-driver-has-it"
+
+
+@pytest.fixture
+def keyed_server():
+    """A server that answers 401 to every request without KEY."""
+    with FakeOpenAIServer(api_key=KEY) as s:
+        yield s
+
+
+def test_llm_build_records_expander_and_resume_hits_the_cache(keyed_server, shared_ray, tmp_path):
     """On a Ray cluster the driver joins (whose workers have their node's env, not the driver's): the API key
     set where `factory build` runs reaches the shard workers that call the endpoint."""
+    server, env = keyed_server, {**shared_ray, "OPENAI_API_KEY": KEY}
     out = tmp_path / "out"
-    key = "sk-test-only-the-driver-has-it"
-    env = {**shared_ray, "OPENAI_API_KEY": key}
-    with FakeOpenAIServer(api_key=key) as server:
-        _build_and_resume_from_the_cache(server, out, env)
-        assert server.refused_keys == 0
-
-
-def _build_and_resume_from_the_cache(server: FakeOpenAIServer, out, env: dict[str, str]) -> None:
     # a retry; one fallback to the grammar for wrong AUs; one for 200s that are no chat completion (a proxy's page)
     server.push("error_500", "wrong_aus", "wrong_aus", "wrong_aus", "html", "html", "html")
     factory("build", *_llm_args(server, out), env=env, check=True)
@@ -67,6 +70,7 @@ def _build_and_resume_from_the_cache(server: FakeOpenAIServer, out, env: dict[st
     redone = json.loads((out / "shards" / "mifa-000001.stats.json").read_text())
     assert redone["expand"]["calls"] == 0 and redone["expand"]["cache_hits"] >= 30
     assert (out / "shards" / "mifa-000001.tar").read_bytes() == tar_before
+    assert server.refused_keys == 0
 
 
 def test_llm_server_down_stops_the_build_and_a_resume_may_accept_the_grammar(shared_ray, tmp_path):

@@ -28,8 +28,9 @@ def corpus(tmp_path_factory, shared_ray) -> Path:
     out = tmp_path_factory.mktemp("report") / "out"
     args = ["--target", "60", "--shard-size", "20", "--out", str(out), *FAST]
     p = factory(
-        "build", *args, "--set", "build.shard_retries=0", env={**shared_ray, "MIFA_FAULTS": "write:2", "MIFA_INJECT": "blank:0.1"}
-    )
+        "build", *args, "--set", "build.shard_retries=0",
+        env={**shared_ray, "MIFA_FAULTS": "write:2", "MIFA_INJECT": "blank:0.1"},
+    )  # fmt: skip
     assert p.returncode == 1, p.stderr[-3000:]  # exit 1: one shard failed, the rest committed
     assert (out / "failed" / "mifa-000002.json").exists()
     return out

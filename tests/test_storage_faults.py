@@ -69,7 +69,8 @@ def _factory_in_mount_ns(setup: str, *args: str, after: str = "") -> subprocess.
 def partial(tmp_path_factory, shared_ray) -> tuple[Path, str]:
     """The digest's build stopped by a full disk at shard 1 (injected): (OUT, its stderr)."""
     out = tmp_path_factory.mktemp("enospc") / "out"
-    p = factory("build", *ARGS, *FAST, *ONE_AT_A_TIME, "--out", str(out), env={**shared_ray, **ENV, "MIFA_FAULTS": "write:1:ENOSPC"})
+    env = {**shared_ray, **ENV, "MIFA_FAULTS": "write:1:ENOSPC"}
+    p = factory("build", *ARGS, *FAST, *ONE_AT_A_TIME, "--out", str(out), env=env)
     assert p.returncode == EXIT_STORAGE, p.stderr[-3000:]
     return out, p.stderr
 
